@@ -1,0 +1,102 @@
+r"""The paper setting: train on still images, evaluate on DAVIS-2017 val.
+
+Offline phase (once; SPEC section 2), for an MSRA10K-style image folder and a
+local DAVIS-2017 copy:
+
+  python -m data_prep.still_images --config=configs/davis.py \
+    --config.prep.images_dir=$IMAGES --config.data_dir=$DATA
+  python -m data_prep.videos --config=configs/davis.py \
+    --config.eval_data.source=davis --config.eval_data.path=$DAVIS \
+    --config.data_dir=$DATA
+
+Then `python -m shls_jax.main --config=configs/davis.py --workdir=$WORKDIR`.
+Hardware: written for one TPU v3-8 / one GPU; any device count works, the
+learning rate scales with the number of replicas. Every number here is a
+reference default of SPEC.md (section 10 lists them).
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the paper configuration."""
+  config = ml_collections.ConfigDict()
+  config.mode = "train"
+  config.seed = 0
+  # Root of the prepared TFDS datasets: <data_dir>/<dataset name>/<version>.
+  config.data_dir = "data"
+
+  # --- Offline phase: synthetic sequences from still images (SPEC 2.1, 2.2).
+  config.prep = ml_collections.ConfigDict()
+  config.prep.images_dir = ""  # A folder of jpg/png still images.
+  # Soft 8-bit saliency maps with the same file stems; "" = built-in RBD.
+  config.prep.saliency_dir = ""
+  config.prep.dataset_name = "shls_sequences"
+  config.prep.sequences_per_image = 4  # Each with its own augmentations.
+  config.prep.validation_fraction = 0.05  # Of the images, never shared.
+  config.prep.images_per_shard = 64
+  config.prep.num_workers = 0  # Processes; 0 = one per CPU core.
+  config.prep.seq_len = 3
+  config.prep.image_size = 256  # Frames are image_size x image_size.
+  # Larger images are shrunk first (longer side, px); MSRA10K is ~400.
+  config.prep.max_source_side = 800
+  config.prep.rbd_superpixels = 200  # SLIC segments used by the detector.
+  config.prep.min_region_fraction = 0.001  # Smaller blobs are merged.
+  # Colour jitter of frames 1..T-1 (torchvision ColorJitter semantics).
+  config.prep.brightness = 0.2
+  config.prep.contrast = 0.2
+  config.prep.saturation = 0.2
+  config.prep.hue = 0.01
+  # Geometric augmentations, each applied with probability aug_prob.
+  config.prep.aug_prob = 0.5
+  config.prep.rotation_degrees = 30.0
+  config.prep.shear_degrees = 15.0
+  config.prep.translate_px = 15.0
+  config.prep.scale_range = (0.8, 1.2)
+  # Random resized crop to image_size, plus a jitter of the window.
+  config.prep.crop_scale_range = (0.8, 1.1)
+  config.prep.crop_jitter_px = 20.0
+  # Multi-object synthesis with pasted donors.
+  config.prep.min_labels = 4  # Background included.
+  config.prep.donor_short_side_px = (26, 154)
+  config.prep.donor_perspective = 0.1
+  config.prep.same_donor_prob = 1.0 / 3.0
+  config.prep.max_occlusion = 0.5
+  config.prep.max_paste_attempts = 3
+  config.prep.local_motion_base = 0.2  # Box enlarged by base + t / 10.
+
+  # --- Superpixels (SPEC 2.3). Training frames: SLIC.
+  config.train_superpixels = ml_collections.ConfigDict()
+  config.train_superpixels.method = "slic"  # slic | isec | felzenszwalb
+  config.train_superpixels.max_superpixels = 400  # N_max; more is an error.
+  config.train_superpixels.slic_n_segments = 300
+  config.train_superpixels.slic_compactness = 20.0
+  config.train_superpixels.slic_sigma = 1.0
+  config.train_superpixels.isec_f_order = 11
+  config.train_superpixels.isec_nit = 4
+  config.train_superpixels.fz_scale = 100.0
+  config.train_superpixels.fz_sigma = 0.8
+  config.train_superpixels.fz_min_size = 50
+
+  # --- Evaluation videos (SPEC 2.4): ISEC at 480p is the paper setting.
+  config.eval_data = ml_collections.ConfigDict()
+  # davis | davis2016 | tfds_davis | youtube_vos | video
+  config.eval_data.source = "davis"
+  config.eval_data.path = ""  # Dataset root, archive folder or video.
+  config.eval_data.split = "val"
+  config.eval_data.mask = ""  # First-frame mask PNG (source=video only).
+  config.eval_data.dataset_name = "shls_videos"
+  config.eval_data.max_objects = 10
+  config.eval_data.resize_height = 0  # 0 = keep; own videos: e.g. 480.
+  config.eval_data.time_bucket = 16  # Pad frame counts to a multiple.
+  config.eval_data.num_workers = 0
+  config.eval_superpixels = config.train_superpixels.copy_and_resolve_references()
+  config.eval_superpixels.method = "isec"
+  config.eval_superpixels.max_superpixels = 1024
+  config.eval_superpixels.slic_n_segments = 1000
+
+  # --- Input pipeline.
+  config.batch_size = 32  # Sequences, global over all devices.
+  config.shuffle_buffer = 1024
+  config.prefetch = 2
+  return config

@@ -1,0 +1,34 @@
+r"""The embedded default: a few minutes on a laptop CPU, no download.
+
+  python -m shls_jax.main --config=configs/demo.py --workdir=/tmp/shls_demo
+
+Builds the demo dataset from the still images bundled with scikit-image
+(held-out images for validation) under <workdir>/data, then works on it.
+"""
+
+import importlib.util
+import os
+
+
+def _paper_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "davis.py")
+  spec = importlib.util.spec_from_file_location("_shls_davis_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  """Returns the demo configuration (paper values, smaller sizes)."""
+  config = _paper_config()
+  config.data_dir = ""  # Empty: <workdir>/data.
+  config.prep.dataset_name = "shls_demo"
+  config.prep.sequences_per_image = 6
+  config.prep.images_per_shard = 4
+  config.prep.image_size = 128
+  config.prep.validation_fraction = 0.2
+  config.train_superpixels.slic_n_segments = 100
+  config.train_superpixels.max_superpixels = 160
+  config.batch_size = 8
+  config.shuffle_buffer = 64
+  return config

@@ -1,0 +1,37 @@
+r"""Tiny settings for the test suite (small images, few superpixels)."""
+
+import importlib.util
+import os
+
+
+def _paper_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "davis.py")
+  spec = importlib.util.spec_from_file_location("_shls_davis_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  """Returns the test configuration."""
+  config = _paper_config()
+  config.mode = "prepare_demo"
+  config.data_dir = ""
+  config.prep.dataset_name = "shls_test"
+  config.prep.sequences_per_image = 2
+  config.prep.images_per_shard = 2
+  config.prep.image_size = 64
+  config.prep.validation_fraction = 0.25
+  config.prep.num_workers = 1
+  config.prep.rbd_superpixels = 60
+  config.prep.donor_short_side_px = (10, 30)
+  config.train_superpixels.slic_n_segments = 40
+  config.train_superpixels.max_superpixels = 80
+  config.eval_superpixels.method = "slic"
+  config.eval_superpixels.slic_n_segments = 60
+  config.eval_superpixels.max_superpixels = 128
+  config.eval_data.time_bucket = 4
+  config.eval_data.num_workers = 1
+  config.batch_size = 8
+  config.shuffle_buffer = 16
+  return config

@@ -1,0 +1,320 @@
+r"""Training records from a folder of still images (SPEC 2.1, 2.2, 2.4).
+
+  python -m data_prep.still_images --config=configs/davis.py \
+    --config.prep.images_dir=$IMAGES --config.data_dir=$DATA
+
+Steps, each parallel over images and resumable:
+1. pseudo masks: soft saliency maps from `config.prep.saliency_dir` (matched
+   by file stem) or from the built-in RBD detector, cached as 8-bit PNGs in
+   `<data_dir>/<name>/pseudo_masks/`;
+2. a split by image (train / validation, never sharing an image, donors too);
+3. `sequences_per_image` synthetic sequences per image, their superpixels and
+   adjacency, written as the TFDS dataset `<data_dir>/<name>/1.0.0`.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import imageio.v3 as iio
+import ml_collections
+import numpy as np
+import skimage.transform
+import tqdm
+
+from data_prep import masks
+from data_prep import saliency
+from data_prep import synthesis
+from data_prep import writer
+from shls_jax import input_pipeline
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# RBD works on superpixels; a larger input only costs time.
+_RBD_MAX_SIDE = 400
+
+
+class InputError(ValueError):
+  """Bad input: the message names the file, the problem and the fix."""
+
+
+def list_images(images_dir: str) -> list[str]:
+  """Sorted file names of the images in a folder (not recursive)."""
+  if not images_dir or not os.path.isdir(images_dir):
+    raise InputError(
+        f"config.prep.images_dir={images_dir!r} is not a folder. Point it at"
+        " a folder of .jpg/.png still images."
+    )
+  names = sorted(
+      n
+      for n in os.listdir(images_dir)
+      if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+  )
+  stems = {}
+  for n in names:
+    stem = os.path.splitext(n)[0]
+    if stem in stems:
+      raise InputError(
+          f"{images_dir} holds both {stems[stem]} and {n}: file stems must be"
+          " unique. If one of them is a mask (as in MSRA10K, where the .png"
+          " files are ground-truth masks), move the masks to another folder"
+          " and pass it as config.prep.saliency_dir."
+      )
+    stems[stem] = n
+  if not names:
+    raise InputError(
+        f"{images_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})."
+    )
+  return names
+
+
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] from an image file; a clear error when unreadable."""
+  try:
+    image = np.asarray(iio.imread(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(
+        f"{path} cannot be read as an image ({type(e).__name__}: {e}). It is"
+        " truncated or not an image: replace or delete it."
+    ) from e
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise InputError(
+        f"{path} has shape {image.shape}; expected a greyscale, RGB or RGBA"
+        " image."
+    )
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3]
+  if image.dtype == np.uint16:
+    image = (image >> 8).astype(np.uint8)
+  elif image.dtype != np.uint8:
+    raise InputError(f"{path} has pixel type {image.dtype}; expected 8 bit.")
+  return image
+
+
+def _shrink(image, max_side, order):
+  h, w = image.shape[:2]
+  if max(h, w) <= max_side:
+    return image
+  scale = max_side / max(h, w)
+  shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+  out = skimage.transform.resize(
+      image, shape, order=order, preserve_range=True, anti_aliasing=order > 0
+  )
+  return out.astype(image.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What a worker needs; picklable."""
+
+  images_dir: str
+  saliency_dir: str  # External maps or the RBD cache.
+  split_files: tuple  # File names of the item's split (donor pool).
+  prep: ml_collections.ConfigDict
+  superpixels: ml_collections.ConfigDict
+  seed: int
+
+
+def _saliency_path(saliency_dir, file_name):
+  return os.path.join(saliency_dir, os.path.splitext(file_name)[0] + ".png")
+
+
+def _load_source(ctx: _Context, file_name: str) -> synthesis.Source:
+  return _load_source_cached(
+      ctx.images_dir,
+      ctx.saliency_dir,
+      file_name,
+      ctx.prep.max_source_side,
+      ctx.prep.min_region_fraction,
+  )
+
+
+# Donors are drawn again and again from the same pool: keep recent ones.
+@functools.lru_cache(maxsize=64)
+def _load_source_cached(
+    images_dir, saliency_dir, file_name, max_side, min_region_fraction
+) -> synthesis.Source:
+  image = load_image(os.path.join(images_dir, file_name))
+  path = _saliency_path(saliency_dir, file_name)
+  if not os.path.exists(path):
+    raise InputError(
+        f"No saliency map for {file_name}: expected {path} (same stem, .png)."
+        " Add it, or leave config.prep.saliency_dir empty to use the"
+        " built-in RBD detector."
+    )
+  soft = saliency.load_saliency(path, expected_shape=image.shape[:2])
+  image = _shrink(image, max_side, order=1)
+  soft = _shrink(soft, max_side, order=1)
+  ids = masks.object_ids_from_mask(
+      soft > 0, min_region_fraction=min_region_fraction
+  )
+  return synthesis.Source(
+      name=os.path.splitext(file_name)[0], image=image, ids=ids, saliency=soft
+  )
+
+
+def _donor_drawer(ctx: _Context, exclude: str):
+  pool = [f for f in ctx.split_files if f != exclude]
+
+  def draw(rng: np.random.Generator) -> synthesis.Source:
+    if not pool:
+      raise InputError(
+          f"{exclude} is the only image of its split: donors (pasted objects)"
+          " need at least two images per split."
+      )
+    # Donors must bring an object; skip images whose pseudo mask is empty.
+    for _ in range(20):
+      donor = _load_source(ctx, pool[rng.integers(len(pool))])
+      if donor.ids.max() > 0:
+        return donor
+    raise InputError(
+        f"20 random donors for {exclude} had an empty pseudo mask; check the"
+        f" saliency maps in {ctx.saliency_dir}."
+    )
+
+  return draw
+
+
+def sequence_examples(file_name: str, ctx: _Context):
+  """Worker: all sequences of one image, as example dicts."""
+  source = _load_source(ctx, file_name)
+  draw_donor = _donor_drawer(ctx, file_name)
+  for k in range(ctx.prep.sequences_per_image):
+    rng = np.random.default_rng(writer.item_seed(ctx.seed, f"{file_name}/{k}"))
+    frames, labels = synthesis.synthesize_sequence(
+        source, draw_donor, rng, ctx.prep
+    )
+    yield {
+        "image_id": source.name,
+        "sequence_index": k,
+        "frames": [writer.encode_png(f) for f in frames],
+        "labels": [writer.encode_png(l) for l in labels],
+        "num_objects": int(labels.max()),
+        **writer.superpixel_fields(
+            frames, ctx.superpixels, f"{source.name} sequence {k}"
+        ),
+    }
+
+
+def _rbd_one(file_name, images_dir, out_dir, n_segments):
+  out = _saliency_path(out_dir, file_name)
+  if os.path.exists(out):
+    return
+  image = load_image(os.path.join(images_dir, file_name))
+  small = _shrink(image, _RBD_MAX_SIDE, order=1)
+  soft = saliency.rbd(small, n_segments=n_segments)
+  if small.shape != image.shape:
+    soft = skimage.transform.resize(soft, image.shape[:2], order=1)
+  writer.atomic_write_bytes(out, writer.encode_png(saliency.to_uint8(soft)))
+
+
+def compute_pseudo_masks(
+    files: Sequence[str], images_dir: str, out_dir: str, config
+) -> None:
+  """RBD saliency maps for images that have none yet (resumable)."""
+  os.makedirs(out_dir, exist_ok=True)
+  todo = [f for f in files if not os.path.exists(_saliency_path(out_dir, f))]
+  work = functools.partial(
+      _rbd_one,
+      images_dir=images_dir,
+      out_dir=out_dir,
+      n_segments=config.prep.rbd_superpixels,
+  )
+  bar = tqdm.tqdm(
+      total=len(files),
+      initial=len(files) - len(todo),
+      unit="image",
+      desc="RBD pseudo masks",
+  )
+  workers = config.prep.num_workers or os.cpu_count() or 1
+  with bar:
+    if workers == 1 or len(todo) < 2:
+      for f in todo:
+        work(f)
+        bar.update()
+    else:
+      import multiprocessing  # pylint: disable=g-import-not-at-top
+
+      with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for _ in pool.imap_unordered(work, todo, chunksize=4):
+          bar.update()
+
+
+def split_by_image(
+    files: Sequence[str], validation_fraction: float, seed: int
+) -> dict[str, list[str]]:
+  """Deterministic train / validation split of file names."""
+  files = sorted(files)
+  order = np.random.default_rng(seed).permutation(len(files))
+  num_val = int(round(validation_fraction * len(files)))
+  if validation_fraction > 0 and len(files) >= 4:
+    num_val = max(num_val, 2)  # Donors need two images per split.
+  val = sorted(files[i] for i in order[:num_val])
+  train = sorted(files[i] for i in order[num_val:])
+  return {"train": train, "validation": val}
+
+
+def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
+  """Runs the whole still-image pipeline; returns the dataset folder."""
+  prep = config.prep
+  files = list_images(prep.images_dir)
+  name = prep.dataset_name
+  if prep.saliency_dir:
+    saliency_dir, mask_source = prep.saliency_dir, "folder"
+    if not os.path.isdir(saliency_dir):
+      raise InputError(
+          f"config.prep.saliency_dir={saliency_dir!r} is not a folder."
+      )
+  else:
+    saliency_dir, mask_source = os.path.join(data_dir, name, "pseudo_masks"), "rbd"
+    compute_pseudo_masks(files, prep.images_dir, saliency_dir, config)
+  splits = split_by_image(files, prep.validation_fraction, config.seed)
+  settings = {
+      "prep": {k: v for k, v in prep.to_dict().items() if k not in _NO_EFFECT},
+      "superpixels": config.train_superpixels.to_dict(),
+      "seed": config.seed,
+      "mask_source": mask_source,
+  }
+
+  def make(split_files):
+    return functools.partial(
+        sequence_examples,
+        ctx=_Context(
+            images_dir=prep.images_dir,
+            saliency_dir=saliency_dir,
+            split_files=tuple(split_files),
+            prep=prep,
+            superpixels=config.train_superpixels,
+            seed=config.seed,
+        ),
+    )
+
+  # Each split's donors come from its own images only.
+  return writer.write_dataset(
+      data_dir=data_dir,
+      name=name,
+      splits=splits,
+      features_fn=input_pipeline.sequence_features,
+      make_examples={split: make(files) for split, files in splits.items()},
+      items_per_shard=prep.images_per_shard,
+      manifest=settings,
+      num_workers=prep.num_workers,
+      description=_DESCRIPTION,
+      unit="image",
+  )
+
+
+_NO_EFFECT = ("images_dir", "saliency_dir", "num_workers")
+_DESCRIPTION = (
+    "SHLS synthetic frame-mask sequences made from still images with pseudo"
+    " masks (shls_jax data_prep.still_images)."
+)
+
+
+if __name__ == "__main__":
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
+
+  cli.run(prepare)

@@ -1,0 +1,36 @@
+"""shls_jax: SHLS self-supervised video object segmentation in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="shls_jax",
+    version="0.1.0",
+    description=(
+        "SHLS (superfeatures learned from still images) for self-supervised"
+        " video object segmentation, in JAX/Flax."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(
+        include=["shls_jax", "shls_jax.*", "data_prep", "data_prep.*"]
+    ),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-cpu>=2.21",
+        "tensorflow-datasets>=4.9.10",
+        "numpy>=2.0",
+        "scipy>=1.13",  # Already required by scikit-image; used directly.
+        "scikit-image>=0.26",
+        "ml-collections>=1.1",
+        "tqdm>=4.66",  # Progress bars on long offline work.
+        "imageio>=2.37",  # Frame and mask I/O (ships with scikit-image).
+        "av>=14",  # Video-file decoding for own videos (PyAV wheels).
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+    },
+)
