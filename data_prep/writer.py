@@ -110,7 +110,12 @@ def _write_shard(shard, dataset_dir, features_fn, make_examples):
   """Worker: writes one shard under a temporary name, then renames it."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+
   features = features_fn()
+  serializer = example_serializer.ExampleSerializer(
+      features.get_serialized_info()
+  )
   path = os.path.join(dataset_dir, shard.filename)
   tmp = os.path.join(dataset_dir, f".tmp-{shard.filename}-{os.getpid()}")
   num_examples = 0
@@ -118,7 +123,10 @@ def _write_shard(shard, dataset_dir, features_fn, make_examples):
     with tf.io.TFRecordWriter(tmp) as writer:
       for item in shard.items:
         for example in make_examples(item):
-          writer.write(features.serialize_example(example))
+          # deterministic=True: protobuf map order otherwise varies
+          # between processes, and shards must not depend on the worker.
+          proto = serializer.get_tf_example(features.encode_example(example))
+          writer.write(proto.SerializeToString(deterministic=True))
           num_examples += 1
     info = {"num_examples": num_examples, "num_bytes": os.path.getsize(tmp)}
     atomic_write_json(_done_path(dataset_dir, shard.filename), info)
@@ -202,6 +210,10 @@ def write_dataset(
   os.makedirs(os.path.join(dataset_dir, ".shards"), exist_ok=True)
   manifest = dict(manifest, items_per_shard=items_per_shard, splits=splits)
   _check_manifest(dataset_dir, manifest)
+  # Leftovers of a killed run (one writer per folder at a time).
+  for leftover in os.listdir(dataset_dir):
+    if leftover.startswith(".tmp-"):
+      os.remove(os.path.join(dataset_dir, leftover))
 
   if not isinstance(make_examples, dict):
     make_examples = {split: make_examples for split in splits}
