@@ -17,6 +17,7 @@ import argparse
 import datetime
 import os
 import platform
+import runpy
 import statistics
 import sys
 import tempfile
@@ -38,10 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import davis  # pylint: disable=g-import-not-at-top
-
-  config = davis.get_config()
+  path = os.path.join(REPO, "configs", "davis.py")
+  config = runpy.run_path(path)["get_config"]()
   config.prep.num_workers = 1
   config.prep.images_per_shard = 4
   return config

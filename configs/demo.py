@@ -6,16 +6,13 @@ Builds the demo dataset from the still images bundled with scikit-image
 (held-out images for validation) under <workdir>/data, then works on it.
 """
 
-import importlib.util
 import os
+import runpy
 
 
 def _paper_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "davis.py")
-  spec = importlib.util.spec_from_file_location("_shls_davis_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  here = os.path.dirname(os.path.abspath(__file__))
+  return runpy.run_path(os.path.join(here, "davis.py"))["get_config"]()
 
 
 def get_config():
