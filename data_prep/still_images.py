@@ -17,81 +17,19 @@ import functools
 import os
 from typing import Sequence
 
-import imageio.v3 as iio
 import ml_collections
 import numpy as np
 import skimage.transform
-import tqdm
 
+from data_prep import image_io
 from data_prep import masks
 from data_prep import saliency
 from data_prep import synthesis
 from data_prep import writer
 from shls_jax import input_pipeline
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-# RBD works on superpixels; a larger input only costs time.
-_RBD_MAX_SIDE = 400
-
-
-class InputError(ValueError):
-  """Bad input: the message names the file, the problem and the fix."""
-
-
-def list_images(images_dir: str) -> list[str]:
-  """Sorted file names of the images in a folder (not recursive)."""
-  if not images_dir or not os.path.isdir(images_dir):
-    raise InputError(
-        f"config.prep.images_dir={images_dir!r} is not a folder. Point it at"
-        " a folder of .jpg/.png still images."
-    )
-  names = sorted(
-      n
-      for n in os.listdir(images_dir)
-      if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
-  )
-  stems = {}
-  for n in names:
-    stem = os.path.splitext(n)[0]
-    if stem in stems:
-      raise InputError(
-          f"{images_dir} holds both {stems[stem]} and {n}: file stems must be"
-          " unique. If one of them is a mask (as in MSRA10K, where the .png"
-          " files are ground-truth masks), move the masks to another folder"
-          " and pass it as config.prep.saliency_dir."
-      )
-    stems[stem] = n
-  if not names:
-    raise InputError(
-        f"{images_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})."
-    )
-  return names
-
-
-def load_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3] from an image file; a clear error when unreadable."""
-  try:
-    image = np.asarray(iio.imread(path))
-  except Exception as e:  # pylint: disable=broad-except
-    raise InputError(
-        f"{path} cannot be read as an image ({type(e).__name__}: {e}). It is"
-        " truncated or not an image: replace or delete it."
-    ) from e
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise InputError(
-        f"{path} has shape {image.shape}; expected a greyscale, RGB or RGBA"
-        " image."
-    )
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  image = image[..., :3]
-  if image.dtype == np.uint16:
-    image = (image >> 8).astype(np.uint8)
-  elif image.dtype != np.uint8:
-    raise InputError(f"{path} has pixel type {image.dtype}; expected 8 bit.")
-  return image
+InputError = image_io.InputError
+load_image = image_io.load_image
 
 
 def _shrink(image, max_side, order):
@@ -165,15 +103,8 @@ def _donor_drawer(ctx: _Context, exclude: str):
           f"{exclude} is the only image of its split: donors (pasted objects)"
           " need at least two images per split."
       )
-    # Donors must bring an object; skip images whose pseudo mask is empty.
-    for _ in range(20):
-      donor = _load_source(ctx, pool[rng.integers(len(pool))])
-      if donor.ids.max() > 0:
-        return donor
-    raise InputError(
-        f"20 random donors for {exclude} had an empty pseudo mask; check the"
-        f" saliency maps in {ctx.saliency_dir}."
-    )
+    # A donor without object is fine: synthesis draws again.
+    return _load_source(ctx, pool[rng.integers(len(pool))])
 
   return draw
 
@@ -199,50 +130,6 @@ def sequence_examples(file_name: str, ctx: _Context):
     }
 
 
-def _rbd_one(file_name, images_dir, out_dir, n_segments):
-  out = _saliency_path(out_dir, file_name)
-  if os.path.exists(out):
-    return
-  image = load_image(os.path.join(images_dir, file_name))
-  small = _shrink(image, _RBD_MAX_SIDE, order=1)
-  soft = saliency.rbd(small, n_segments=n_segments)
-  if small.shape != image.shape:
-    soft = skimage.transform.resize(soft, image.shape[:2], order=1)
-  writer.atomic_write_bytes(out, writer.encode_png(saliency.to_uint8(soft)))
-
-
-def compute_pseudo_masks(
-    files: Sequence[str], images_dir: str, out_dir: str, config
-) -> None:
-  """RBD saliency maps for images that have none yet (resumable)."""
-  os.makedirs(out_dir, exist_ok=True)
-  todo = [f for f in files if not os.path.exists(_saliency_path(out_dir, f))]
-  work = functools.partial(
-      _rbd_one,
-      images_dir=images_dir,
-      out_dir=out_dir,
-      n_segments=config.prep.rbd_superpixels,
-  )
-  bar = tqdm.tqdm(
-      total=len(files),
-      initial=len(files) - len(todo),
-      unit="image",
-      desc="RBD pseudo masks",
-  )
-  workers = config.prep.num_workers or os.cpu_count() or 1
-  with bar:
-    if workers == 1 or len(todo) < 2:
-      for f in todo:
-        work(f)
-        bar.update()
-    else:
-      import multiprocessing  # pylint: disable=g-import-not-at-top
-
-      with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for _ in pool.imap_unordered(work, todo, chunksize=4):
-          bar.update()
-
-
 def split_by_image(
     files: Sequence[str], validation_fraction: float, seed: int
 ) -> dict[str, list[str]]:
@@ -260,7 +147,7 @@ def split_by_image(
 def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
   """Runs the whole still-image pipeline; returns the dataset folder."""
   prep = config.prep
-  files = list_images(prep.images_dir)
+  files = image_io.list_images(prep.images_dir)
   name = prep.dataset_name
   if prep.saliency_dir:
     saliency_dir, mask_source = prep.saliency_dir, "folder"
@@ -270,7 +157,13 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
       )
   else:
     saliency_dir, mask_source = os.path.join(data_dir, name, "pseudo_masks"), "rbd"
-    compute_pseudo_masks(files, prep.images_dir, saliency_dir, config)
+    saliency.write_maps(
+        files,
+        prep.images_dir,
+        saliency_dir,
+        n_segments=prep.rbd_superpixels,
+        num_workers=prep.num_workers,
+    )
   splits = split_by_image(files, prep.validation_fraction, config.seed)
   settings = {
       "prep": {k: v for k, v in prep.to_dict().items() if k not in _NO_EFFECT},

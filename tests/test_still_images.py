@@ -114,10 +114,10 @@ def test_rbd_pseudo_masks_are_cached(tmp_path, test_config):
 
 def test_truncated_image_is_named(tmp_path, test_config):
   images, maps = _make_folder(str(tmp_path))
-  with open(os.path.join(images, "im3.png"), "r+b") as f:
+  with open(os.path.join(images, "im4.png"), "r+b") as f:
     f.truncate(60)
   config = _config(test_config, images, maps)
-  with pytest.raises(ValueError, match="im3.png"):
+  with pytest.raises(ValueError, match="im4.png"):
     still_images.prepare(config, str(tmp_path / "data"))
 
 
