@@ -18,6 +18,7 @@ def _paper_config():
 def get_config():
   """Returns the demo configuration (paper values, smaller sizes)."""
   config = _paper_config()
+  config.mode = "prepare_demo"
   config.data_dir = ""  # Empty: <workdir>/data.
   config.prep.dataset_name = "shls_demo"
   config.prep.sequences_per_image = 6

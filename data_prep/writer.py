@@ -68,6 +68,21 @@ def superpixel_fields(frames, sp_config, source: str) -> dict:
   }
 
 
+def summarize(dataset_dir: str) -> str:
+  """A few lines about a prepared dataset: splits, examples, shards, size."""
+  with open(os.path.join(dataset_dir, "dataset_info.json")) as f:
+    info = json.load(f)
+  lines = [f"{dataset_dir}:"]
+  for split in info.get("splits", []):
+    lengths = [int(n) for n in split.get("shardLengths", [])]
+    size = int(split.get("numBytes", 0)) / 2**20
+    lines.append(
+        f"  {split['name']}: {sum(lengths)} examples in {len(lengths)} shards,"
+        f" {size:.1f} MiB"
+    )
+  return "\n".join(lines)
+
+
 def item_seed(seed: int, key: str) -> np.random.SeedSequence:
   """A seed for one item that depends only on the global seed and its key."""
   return np.random.SeedSequence([seed, zlib.crc32(key.encode("utf-8"))])

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import skimage.segmentation
 
-from data_prep import cli
 from data_prep import demo
+from data_prep import writer
 from data_prep import masks
 from shls_jax import input_pipeline
 
@@ -62,7 +62,7 @@ def run(config, data_dir: str) -> str:
   )
   counts = batch["num_superpixels"]
   return (
-      f"{cli.summarize(dataset_dir)}\n"
+      f"{writer.summarize(dataset_dir)}\n"
       f"  one training batch [devices, per-device batch, ...]:\n{shapes}\n"
       f"  superpixels per frame: {counts.min()}..{counts.max()}, objects per"
       f" sequence: {batch['num_objects'].min()}..{batch['num_objects'].max()}\n"
