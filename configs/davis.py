@@ -85,7 +85,10 @@ def get_config():
   config.eval_data.path = ""  # Dataset root, archive folder or video.
   config.eval_data.split = "val"
   config.eval_data.mask = ""  # First-frame mask PNG (source=video only).
-  config.eval_data.dataset_name = "shls_videos"
+  # "" = named after the source: davis, youtube_vos, video_<file stem>, ...
+  config.eval_data.dataset_name = ""
+  config.eval_data.resolution = "480p"  # davis*: 480p | full_resolution
+  config.eval_data.tfds_data_dir = ""  # tfds_davis: "" = <path>/tfds
   config.eval_data.max_objects = 10
   config.eval_data.resize_height = 0  # 0 = keep; own videos: e.g. 480.
   config.eval_data.time_bucket = 16  # Pad frame counts to a multiple.

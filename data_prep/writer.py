@@ -95,8 +95,18 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+def _jsonable(value):
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  raise TypeError(f"{type(value).__name__} cannot be written to JSON.")
+
+
+def _to_json(value: Any) -> str:
+  return json.dumps(value, indent=2, sort_keys=True, default=_jsonable)
+
+
 def atomic_write_json(path: str, value: Any) -> None:
-  atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
+  atomic_write_bytes(path, _to_json(value).encode())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +134,10 @@ def _shards(name, splits, items_per_shard) -> list[_Shard]:
 def _write_shard(shard, dataset_dir, features_fn, make_examples):
   """Worker: writes one shard under a temporary name, then renames it."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
 
+  # Workers only serialise: they must not take accelerator memory.
+  tf.config.set_visible_devices([], "GPU")
   features = features_fn()
   serializer = example_serializer.ExampleSerializer(
       features.get_serialized_info()
@@ -164,7 +175,7 @@ def _is_done(dataset_dir, filename):
 
 def _check_manifest(dataset_dir, manifest):
   path = os.path.join(dataset_dir, "manifest.json")
-  manifest = json.loads(json.dumps(manifest, sort_keys=True))
+  manifest = json.loads(_to_json(manifest))
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)

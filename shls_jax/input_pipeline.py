@@ -126,8 +126,35 @@ def _edges_per_frame(adjacency, num_frames, max_edges):
   return edges, valid
 
 
+def _decode_frame(encoded):
+  # INTEGER_ACCURATE decodes JPEG exactly as PIL does, which computed the
+  # superpixels at preparation; TensorFlow's default IDCT differs by up to
+  # 4 grey levels.
+  return tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(
+          encoded, channels=3, dct_method="INTEGER_ACCURATE"
+      ),
+      lambda: tf.io.decode_png(encoded, channels=3),
+  )
+
+
+def _decode_frames(encoded):
+  """string [T] -> uint8 [T, H, W, 3]."""
+  return tf.map_fn(
+      _decode_frame,
+      encoded,
+      fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+  )
+
+
+# Frames are decoded by `_decode_frames`, everything else by TFDS.
+_DECODERS = {"frames": tfds.decode.SkipDecoding()}
+
+
 def _parse(example, max_superpixels: int):
   """Decoded TFDS example -> fixed-width tensors with validity masks."""
+  example = dict(example, frames=_decode_frames(example["frames"]))
   num_frames = tf.shape(example["frames"])[0]
   counts = example["num_superpixels"]
   tf.debugging.assert_less_equal(
@@ -239,6 +266,7 @@ def sequence_dataset(
       split=split,
       shuffle_files=shuffle,
       read_config=_read_config(seed, process_index, process_count),
+      decoders=_DECODERS,
   )
   ds = ds.map(
       lambda ex: _parse(ex, max_superpixels),
@@ -290,6 +318,7 @@ def video_dataset(
       split=split,
       shuffle_files=False,
       read_config=_read_config(0, process_index, process_count),
+      decoders=_DECODERS,
   )
 
   def parse(example):
