@@ -49,9 +49,7 @@ def object_ids_from_mask(
      its outer border (8-neighbours). Votes from regions that are not small
      themselves count first, so that two adjacent specks cannot swap ids
      forever; a speck surrounded only by specks uses all its neighbours.
-  5. Ids are renumbered 1..K in order of first appearance (row-major). With
-     more than 255 objects only the 255 largest are kept; the others become
-     background (uint8 holds no more, and such maps are noise anyway).
+  5. Ids are renumbered 1..K in order of first appearance (row-major).
 
   Args:
     mask: bool [H, W]; anything nonzero counts as inside.
@@ -60,6 +58,10 @@ def object_ids_from_mask(
 
   Returns:
     uint8 [H, W]: 0 = background, 1..K objects, K <= 255, consecutive.
+
+  Raises:
+    ValueError: if the mask is not 2-D, or if more than 255 objects remain
+      (a uint8 label map holds no more).
   """
   mask = np.asarray(mask)
   if mask.ndim != 2:
@@ -160,16 +162,41 @@ def _merge_small_regions(ids: np.ndarray, min_area: float) -> np.ndarray:
 
 
 def _renumber(ids: np.ndarray) -> np.ndarray:
-  """Consecutive ids 1..K (K <= 255) in row-major order of appearance."""
+  """Consecutive ids 1..K in row-major order of first appearance."""
   values, first = np.unique(ids.ravel(), return_index=True)
   objects = values[values > 0]
-  first = first[values > 0]
   if len(objects) > _MAX_OBJECTS:
-    area = np.bincount(ids.ravel())[objects]
-    # Stable sort: equal areas keep the earlier object.
-    keep = np.sort(np.argsort(-area, kind="stable")[:_MAX_OBJECTS])
-    objects, first = objects[keep], first[keep]
-  order = objects[np.argsort(first, kind="stable")]
+    # Silently dropping objects would corrupt a training set without
+    # anyone noticing; a map this fragmented is noise, not objects.
+    raise ValueError(
+        f"The mask has {len(objects)} separate objects after merging"
+        f" regions; uint8 label maps hold at most {_MAX_OBJECTS}. Raise"
+        " min_region_fraction or clean the saliency map."
+    )
+  order = objects[np.argsort(first[values > 0], kind="stable")]
   lookup = np.zeros(int(ids.max()) + 1, np.uint8)
   lookup[order] = np.arange(1, len(order) + 1)
   return lookup[ids]
+
+
+def binarize_saliency(saliency: np.ndarray) -> np.ndarray:
+  """The main object of a soft 8-bit saliency map (SPEC 2.1: `> 0`).
+
+  The rule of external saliency maps, and of the built-in detector's maps,
+  whose `data_prep.saliency.to_uint8` already zeroes what is not object.
+
+  Args:
+    saliency: uint8 [H, W] soft map (any numeric dtype works).
+
+  Returns:
+    bool [H, W], True where the map is nonzero.
+
+  Raises:
+    ValueError: if the map is not 2-D.
+  """
+  saliency = np.asarray(saliency)
+  if saliency.ndim != 2:
+    raise ValueError(
+        f"A saliency map must be [H, W], got shape {saliency.shape}."
+    )
+  return saliency > 0

@@ -57,7 +57,7 @@ _FIGURE_IMAGES = (
     "chelsea.png",
     "coffee.png",
     "rocket.jpg",
-    "motorcycle_left.png",
+    "horse.png",
 )
 _FIGURE_ROW_HEIGHT = 160
 
@@ -128,18 +128,21 @@ def _noise_level(d_app: np.ndarray, link: np.ndarray) -> float:
 
   Without it, a smooth gradient (a sky, a blurred wall) adds up small steps
   into a large geodesic distance and splits one background into many
-  regions. Following the authors' code (the paper leaves this out), edges
-  cheaper than the mean over superpixels of the distance to their most
-  similar neighbour count as free.
+  regions. Following the authors' code (the paper leaves this out): the
+  mean over superpixels of the colour distance to their most similar
+  superpixel at most two steps away; this much is taken off every edge.
 
   Args:
     d_app: [N, N] colour distances.
-    link: bool [N, N], spatial adjacency.
+    link: bool [N, N], spatial adjacency, no self-loops.
 
   Returns:
     The clip value, Lab units.
   """
-  nearest = np.where(link, d_app, np.inf).min(1)
+  step = link.astype(np.float32)
+  near = link | (step @ step > 0)
+  np.fill_diagonal(near, False)
+  nearest = np.where(near, d_app, np.inf).min(1)
   nearest = nearest[np.isfinite(nearest)]
   return float(nearest.mean()) if len(nearest) else 0.0
 
@@ -170,8 +173,9 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
 
   # Geodesic distances on the graph of neighbours plus a clique on the
   # boundary superpixels: the whole boundary counts as one background region
-  # even when it is split by an object touching the edge. Edges below the
-  # noise level are (almost) free; an exact 0 would read as "no edge".
+  # even when it is split by an object touching the edge. Every edge is
+  # shortened by the noise level, down to (almost) free: an exact 0 would
+  # read as "no edge".
   i, j = adjacent[:, 0], adjacent[:, 1]
   link = np.zeros((n, n), bool)
   link[i, j] = True
@@ -179,7 +183,7 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
   clip = _noise_level(d_app, link)
   link[np.ix_(boundary, boundary)] = True
   np.fill_diagonal(link, False)
-  graph = np.where(link, np.where(d_app < clip, _MIN_EDGE, d_app), 0)
+  graph = np.where(link, np.maximum(d_app - clip, _MIN_EDGE), 0)
   d_geo = csgraph.dijkstra(graph, directed=False)  # [N, N]
 
   # Boundary connectivity: the boundary length of the soft region around
@@ -197,7 +201,12 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
   span = w_ctr.max() - w_ctr.min()
   # Below 1e-6 (Lab units) the contrast is rounding noise of a flat image,
   # which must not be stretched into an object.
-  w_fg = (w_ctr - w_ctr.min()) / span if span > 1e-6 else np.zeros(n)
+  w_fg = np.zeros(n)
+  if span > 1e-6:
+    w_fg = (w_ctr - w_ctr.min()) / span
+    # As in the authors' code: contrast below Otsu's threshold is no
+    # foreground evidence at all, which keeps cluttered backgrounds dark.
+    w_fg[w_fg < skimage.filters.threshold_otsu(w_fg)] = 0
 
   # min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_{i~j} w_ij (s_i - s_j)^2:
   # setting the gradient to zero gives (diag(w_bg + w_fg) + L) s = w_fg with
@@ -259,6 +268,34 @@ def to_uint8(saliency: np.ndarray) -> np.ndarray:
   keep = saliency > binarisation_threshold(saliency)
   soft = np.maximum(np.round(saliency * 255), 1)
   return np.where(keep, soft, 0).astype(np.uint8)
+
+
+def pseudo_mask(saliency_uint8: np.ndarray) -> np.ndarray:
+  """The object mask of an 8-bit map from `to_uint8` (or any detector).
+
+  `to_uint8` has already zeroed everything at or below the RBD threshold
+  (Otsu's, at least 0.1, see `binarisation_threshold`), so the built-in
+  detector's maps follow the rule SPEC 2.1 sets for external maps: object
+  where the map is nonzero.
+
+  Args:
+    saliency_uint8: uint8 [H, W], as `to_uint8` returns and
+      `load_saliency` reads.
+
+  Returns:
+    bool [H, W].
+
+  Raises:
+    ValueError: for a float map: `rbd`'s raw output is almost nowhere
+      exactly 0, so `> 0` would take the whole image as the object.
+  """
+  saliency_uint8 = np.asarray(saliency_uint8)
+  if saliency_uint8.dtype != np.uint8:
+    raise ValueError(
+        f"pseudo_mask expects a uint8 map, got {saliency_uint8.dtype}. Pass"
+        " rbd's float map through to_uint8 first: it applies the threshold."
+    )
+  return masks.binarize_saliency(saliency_uint8)
 
 
 def load_saliency(
@@ -427,7 +464,7 @@ def figure(path: str, *, n_segments: int = 200) -> None:
     # The detector sees the image at the command line's working size, the
     # figure shows it smaller.
     soft = rbd_any_size(image, n_segments=n_segments)
-    ids = masks.object_ids_from_mask(to_uint8(soft) > 0)
+    ids = masks.object_ids_from_mask(pseudo_mask(to_uint8(soft)))
     h, w = image.shape[:2]
     shape = (_FIGURE_ROW_HEIGHT, round(w * _FIGURE_ROW_HEIGHT / h))
     image = _resize(image, shape, 1)

@@ -86,9 +86,12 @@ def _load_source_cached(
   soft = saliency.load_saliency(path, expected_shape=image.shape[:2])
   image = _shrink(image, max_side, order=1)
   soft = _shrink(soft, max_side, order=1)
-  ids = masks.object_ids_from_mask(
-      soft > 0, min_region_fraction=min_region_fraction
-  )
+  try:
+    ids = masks.object_ids_from_mask(
+        soft > 0, min_region_fraction=min_region_fraction
+    )
+  except ValueError as e:
+    raise InputError(f"{path}: {e}") from e
   return synthesis.Source(
       name=os.path.splitext(file_name)[0], image=image, ids=ids, saliency=soft
   )

@@ -131,18 +131,34 @@ def test_ids_are_consecutive():
   assert values.max() >= 2
 
 
-def test_more_than_255_objects_keeps_the_largest():
-  # 289 separated 4x4 squares, one of them bigger (6x6).
-  mask = np.zeros((17 * 6, 17 * 6), bool)
-  for r in range(17):
-    for c in range(17):
+def _grid_of_squares(n: int) -> np.ndarray:
+  """n x n separated 4x4 squares, each its own object."""
+  mask = np.zeros((6 * n, 6 * n), bool)
+  for r in range(n):
+    for c in range(n):
       mask[6 * r + 1 : 6 * r + 5, 6 * c + 1 : 6 * c + 5] = True
-  mask[6 * 16 : 6 * 17, 6 * 16 : 6 * 17] = True  # The last one, enlarged.
+  return mask
+
+
+def test_255_objects_fit_and_more_raise():
+  mask = _grid_of_squares(16)
+  mask[6 * 15 :, 6 * 15 :] = False  # 256 squares minus the last: 255.
   ids = masks.object_ids_from_mask(mask, min_region_fraction=0)
-  assert ids.max() == 255
   np.testing.assert_array_equal(np.unique(ids), np.arange(256))
-  assert ids[-1, -1] > 0  # The largest object survives.
+  # Row-major order of appearance: the first square is 1, the last 255.
+  assert ids[1, 1] == 1 and ids[6 * 15 + 1, 6 * 14 + 1] == 255
   assert (ids[~mask] == 0).all()
+  with pytest.raises(ValueError, match="289 separate objects.*at most 255"):
+    masks.object_ids_from_mask(_grid_of_squares(17), min_region_fraction=0)
+
+
+def test_binarize_saliency_is_nonzero():
+  soft = np.array([[0, 1, 255], [0, 0, 128]], np.uint8)
+  np.testing.assert_array_equal(
+      masks.binarize_saliency(soft), [[False, True, True], [False, False, True]]
+  )
+  with pytest.raises(ValueError, match="saliency map must be"):
+    masks.binarize_saliency(np.zeros((4, 4, 3), np.uint8))
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 4, 2)])

@@ -66,6 +66,14 @@ def test_to_uint8_zeroes_the_background():
   np.testing.assert_allclose(out[kept], np.round(soft[kept] * 255), atol=1)
   assert (out[_border(*disc.shape)] == 0).mean() > 0.95
   assert (out[disc] > 0).mean() > 0.8
+  np.testing.assert_array_equal(saliency.pseudo_mask(out), out > 0)
+
+
+def test_pseudo_mask_rejects_the_raw_float_map():
+  image, _ = _disc_image(seed=2)
+  soft = saliency.rbd(image, n_segments=150)
+  with pytest.raises(ValueError, match="to_uint8"):
+    saliency.pseudo_mask(soft)
 
 
 def test_to_uint8_threshold_floor_and_flat_map():
@@ -150,3 +158,17 @@ def test_rbd_flat_image_has_no_object():
   soft = saliency.rbd(np.full((50, 60, 3), 128, np.uint8))
   np.testing.assert_array_equal(soft, np.zeros((50, 60), np.float32))
   assert not saliency.to_uint8(soft).any()
+
+
+def test_figure_rows(tmp_path, monkeypatch):
+  # One bundled image keeps the test fast; the layout is the same for five.
+  monkeypatch.setattr(saliency, "_FIGURE_IMAGES", ("coffee.png",))
+  path = str(tmp_path / "figure" / "rbd.png")
+  saliency.main(["--figure", path])
+  figure = iio.imread(path)
+  # coffee.png is 400 x 600: three 160 x 240 panels and two 4-pixel gaps.
+  assert figure.shape == (160, 3 * 240 + 2 * 4, 3)
+  soft = figure[:, 244:484]
+  # The map panel is grey; the cup in the middle outshines the table.
+  np.testing.assert_array_equal(soft[..., 0], soft[..., 2])
+  assert soft[60:100, 100:140, 0].mean() > 3 * soft[:, :20, 0].mean()
