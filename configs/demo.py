@@ -10,14 +10,10 @@ import os
 import runpy
 
 
-def _paper_config():
-  here = os.path.dirname(os.path.abspath(__file__))
-  return runpy.run_path(os.path.join(here, "davis.py"))["get_config"]()
-
-
 def get_config():
   """Returns the demo configuration (paper values, smaller sizes)."""
-  config = _paper_config()
+  here = os.path.dirname(os.path.abspath(__file__))
+  config = runpy.run_path(os.path.join(here, "davis.py"))["get_config"]()
   config.mode = "prepare_demo"
   config.data_dir = ""  # Empty: <workdir>/data.
   config.prep.dataset_name = "shls_demo"

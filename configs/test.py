@@ -4,14 +4,10 @@ import os
 import runpy
 
 
-def _paper_config():
-  here = os.path.dirname(os.path.abspath(__file__))
-  return runpy.run_path(os.path.join(here, "davis.py"))["get_config"]()
-
-
 def get_config():
   """Returns the test configuration."""
-  config = _paper_config()
+  here = os.path.dirname(os.path.abspath(__file__))
+  config = runpy.run_path(os.path.join(here, "davis.py"))["get_config"]()
   config.mode = "prepare_demo"
   config.data_dir = ""
   config.prep.dataset_name = "shls_test"
