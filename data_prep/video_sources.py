@@ -61,6 +61,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from data_prep import image_io
 from data_prep import masks
 
 VOID = 255
@@ -96,7 +97,7 @@ _TFDS_SPLITS = {
 _MAX_LISTED = 5
 
 
-class InputError(ValueError):
+class InputError(image_io.InputError):
   """Bad input: the message names the file, what is wrong, and the fix."""
 
 
