@@ -136,7 +136,9 @@ def bench_reader(dataset_dir, num_batches):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "RESULTS.md"))
+  parser.add_argument(
+      "--out", default=os.path.join(REPO, "benchmarks", "RESULTS.md")
+  )
   args = parser.parse_args()
   repeats = 1 if args.quick else 3
   with tempfile.TemporaryDirectory() as tmp:
@@ -168,27 +170,36 @@ def main():
       "",
       "| what | result |",
       "|---|---|",
-      f"| still-image pipeline, 256x256, 3 frames, SLIC 300 | {seq_per_s:.1f}"
-      " sequences/s per core |",
-      f"| RBD pseudo mask (image shrunk to <= 400 px) | {rbd_s:.3f} s per image |",
+      (
+          "| still-image pipeline, 256x256, 3 frames, SLIC 300 |"
+          f" {seq_per_s:.1f} sequences/s per core |"
+      ),
+      (
+          f"| RBD pseudo mask (image shrunk to <= 400 px) | {rbd_s:.3f} s per"
+          " image |"
+      ),
   ]
   for method, seconds, lo, hi in sp_rows:
     lines.append(
-        f"| {method} at 854x480 | {seconds:.3f} s per frame, {lo}-{hi} segments |"
+        f"| {method} at 854x480 | {seconds:.3f} s per frame, {lo}-{hi}"
+        " segments |"
     )
   lines.append(
-      f"| input pipeline, training records decoded and batched | {records_per_s:.0f}"
-      " records/s |"
+      "| input pipeline, training records decoded and batched |"
+      f" {records_per_s:.0f} records/s |"
   )
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.quick:
-    header = "# Benchmark results\n\nNewest first. Each section names its command, machine and date.\n\n"
+    header = (
+        "# Benchmark results\n\nNewest first. Each section names its command,"
+        " machine and date.\n\n"
+    )
     old = ""
     if os.path.exists(args.out):
       with open(args.out) as f:
         old = f.read()
-      old = old[len(header):] if old.startswith(header) else old
+      old = old[len(header) :] if old.startswith(header) else old
     with open(args.out, "w") as f:
       f.write(header + text + "\n" + old)
 

@@ -93,7 +93,9 @@ def get_config():
   config.eval_data.resize_height = 0  # 0 = keep; own videos: e.g. 480.
   config.eval_data.time_bucket = 16  # Pad frame counts to a multiple.
   config.eval_data.num_workers = 0
-  config.eval_superpixels = config.train_superpixels.copy_and_resolve_references()
+  config.eval_superpixels = (
+      config.train_superpixels.copy_and_resolve_references()
+  )
   config.eval_superpixels.method = "isec"
   config.eval_superpixels.max_superpixels = 1024
   config.eval_superpixels.slic_n_segments = 1000

@@ -8,7 +8,6 @@ import os
 import imageio.v3 as iio
 import numpy as np
 
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # RBD works on superpixels; a larger input only costs time.
 _RBD_MAX_SIDE = 400

@@ -93,17 +93,21 @@ def _superpixel_graph(image: np.ndarray, n_segments: int):
   n = int(segments.max()) + 1
   flat = segments.ravel()
   count = np.bincount(flat, minlength=n).astype(np.float64)
-  colour = np.stack(
-      [np.bincount(flat, lab[..., c].ravel(), n) for c in range(3)], 1
-  ) / count[:, None]
+  colour = (
+      np.stack([np.bincount(flat, lab[..., c].ravel(), n) for c in range(3)], 1)
+      / count[:, None]
+  )
   rows, cols = np.mgrid[:h, :w]
-  position = np.stack(
-      [
-          np.bincount(flat, rows.ravel() / h, n),
-          np.bincount(flat, cols.ravel() / w, n),
-      ],
-      1,
-  ) / count[:, None]
+  position = (
+      np.stack(
+          [
+              np.bincount(flat, rows.ravel() / h, n),
+              np.bincount(flat, cols.ravel() / w, n),
+          ],
+          1,
+      )
+      / count[:, None]
+  )
   pairs = np.concatenate([
       np.stack([segments[:, :-1].ravel(), segments[:, 1:].ravel()], 1),
       np.stack([segments[:-1].ravel(), segments[1:].ravel()], 1),
@@ -221,8 +225,10 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
   system = sparse.coo_matrix(
       (
           np.concatenate([diagonal, -w_ij, -w_ij]),
-          (np.concatenate([np.arange(n), i, j]),
-           np.concatenate([np.arange(n), j, i])),
+          (
+              np.concatenate([np.arange(n), i, j]),
+              np.concatenate([np.arange(n), j, i]),
+          ),
       ),
       shape=(n, n),
   ).tocsc()

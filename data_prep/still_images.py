@@ -159,7 +159,10 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
           f"config.prep.saliency_dir={saliency_dir!r} is not a folder."
       )
   else:
-    saliency_dir, mask_source = os.path.join(data_dir, name, "pseudo_masks"), "rbd"
+    saliency_dir, mask_source = (
+        os.path.join(data_dir, name, "pseudo_masks"),
+        "rbd",
+    )
     saliency.write_maps(
         files,
         prep.images_dir,

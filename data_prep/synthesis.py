@@ -770,7 +770,13 @@ def _paste_first_frame(
       top = _draw_offset(rng, 0, size - alpha.shape[0])
       left = _draw_offset(rng, 0, size - alpha.shape[1])
       if paste(
-          frame, labels, patch, alpha, top, left, object_id,
+          frame,
+          labels,
+          patch,
+          alpha,
+          top,
+          left,
+          object_id,
           config.max_occlusion,
       ):
         pasted.append([donor, (top, left) + alpha.shape])
@@ -818,7 +824,13 @@ def _later_frame(
     for _ in range(config.max_paste_attempts):
       top, left = _local_offset(rng, box, alpha.shape, margin, size)
       if paste(
-          frame, labels, patch, alpha, top, left, num_source_objects + i + 1,
+          frame,
+          labels,
+          patch,
+          alpha,
+          top,
+          left,
+          num_source_objects + i + 1,
           config.max_occlusion,
       ):
         entry[1] = (top, left) + alpha.shape

@@ -490,18 +490,14 @@ def _resize(
   """
   h, w = frames.shape[1:3]
   size = (max(1, round(w * height / h)), height)
-  frames = np.stack(
-      [
-          np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR))
-          for f in frames
-      ]
-  )
-  labels = np.stack(
-      [
-          np.asarray(Image.fromarray(l).resize(size, Image.Resampling.NEAREST))
-          for l in labels
-      ]
-  )
+  frames = np.stack([
+      np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR))
+      for f in frames
+  ])
+  labels = np.stack([
+      np.asarray(Image.fromarray(l).resize(size, Image.Resampling.NEAREST))
+      for l in labels
+  ])
   return frames, labels
 
 
@@ -585,7 +581,7 @@ def _davis_split_file(
           else ""
       )
       + (f"; found {', '.join(found)}" if found else ""),
-      f"set --config.eval_data.split to a listed split, or point"
+      "set --config.eval_data.split to a listed split, or point"
       f" --config.eval_data.path at {_DAVIS_HELP}",
   )
 
@@ -909,8 +905,7 @@ def _decode_video_file(path: str) -> np.ndarray:
   except av.FFmpegError as e:
     raise _fail(
         path,
-        f"cannot be decoded ({e}); it may be truncated or in an unknown"
-        " format",
+        f"cannot be decoded ({e}); it may be truncated or in an unknown format",
         "re-export it (e.g. H.264 .mp4), or extract its frames into a"
         " folder and pass the folder",
     ) from None
@@ -1011,9 +1006,8 @@ class _LocalArchives:
           path,
           "archive is missing; the TFDS davis builder (config"
           f" {'480p' if self._resolution == '480p' else 'full_resolution'})"
-          f" reads it and nothing is downloaded here",
-          f"download {url} into {self._archive_dir} (unchanged, not"
-          " extracted)",
+          " reads it and nothing is downloaded here",
+          f"download {url} into {self._archive_dir} (unchanged, not extracted)",
       )
     return path
 

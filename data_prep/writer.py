@@ -123,7 +123,9 @@ def _shards(name, splits, items_per_shard) -> list[_Shard]:
   for split, items in splits.items():
     count = max(1, -(-len(items) // items_per_shard))
     for index in range(count):
-      chunk = tuple(items[index * items_per_shard : (index + 1) * items_per_shard])
+      chunk = tuple(
+          items[index * items_per_shard : (index + 1) * items_per_shard]
+      )
       filename = _SHARD_TEMPLATE.format(
           name=name, split=split, index=index, count=count
       )

@@ -85,9 +85,7 @@ def video_features() -> tfds.features.FeaturesDict:
       "num_objects": tfds.features.Scalar(dtype=np.int32),
       # int32 [K]: first annotated frame of object k + 1 (YouTube-VOS
       # objects may appear after frame 0).
-      "object_first_frame": tfds.features.Tensor(
-          shape=(None,), dtype=np.int32
-      ),
+      "object_first_frame": tfds.features.Tensor(shape=(None,), dtype=np.int32),
       # int32 [2]: (height, width) before any resize at preparation.
       "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
       **_superpixel_fields(),

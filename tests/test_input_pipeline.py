@@ -142,7 +142,9 @@ def test_each_host_reads_its_own_files(sequences_dir):
 def test_shuffle_is_a_function_of_the_seed(sequences_dir):
   def order(seed):
     batches = _read(sequences_dir, shuffle=True, seed=seed)
-    return np.concatenate([b["frames"][:, :, 0, 0, 0, 0].ravel() for b in batches])
+    return np.concatenate(
+        [b["frames"][:, :, 0, 0, 0, 0].ravel() for b in batches]
+    )
 
   np.testing.assert_array_equal(order(3), order(3))
   assert not np.array_equal(order(3), order(4))
@@ -150,14 +152,16 @@ def test_shuffle_is_a_function_of_the_seed(sequences_dir):
 
 def test_batch_size_must_divide_over_devices(sequences_dir):
   with pytest.raises(ValueError, match="not divisible by the 12 devices"):
-    _read(sequences_dir, global_batch_size=8, num_local_devices=6,
-          process_count=2)
+    _read(
+        sequences_dir, global_batch_size=8, num_local_devices=6, process_count=2
+    )
 
 
 def test_too_many_hosts_for_the_shards(sequences_dir):
   with pytest.raises(ValueError, match="every process needs at least one"):
-    _read(sequences_dir, global_batch_size=5, num_local_devices=1,
-          process_count=5)
+    _read(
+        sequences_dir, global_batch_size=5, num_local_devices=1, process_count=5
+    )
 
 
 def test_superpixels_above_n_max_are_an_error(sequences_dir):

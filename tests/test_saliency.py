@@ -36,9 +36,7 @@ def test_rbd_finds_the_disc():
   assert soft.min() >= 0 and soft.max() <= 1
   # Away from the disc's edge, where superpixels may straddle it.
   inner = (
-      np.add.reduce(
-          [np.roll(disc, s, a) for s in (-4, 4) for a in (0, 1)]
-      ) == 4
+      np.add.reduce([np.roll(disc, s, a) for s in (-4, 4) for a in (0, 1)]) == 4
   ) & disc
   border = _border(*disc.shape)
   assert soft[inner].mean() > 0.7

@@ -107,9 +107,17 @@ def test_rbd_pseudo_masks_are_cached(tmp_path, test_config):
   images, _ = _make_folder(str(tmp_path), num_images=5)
   config = _config(test_config, images, "")
   path = still_images.prepare(config, str(tmp_path / "data"))
-  cache = os.path.join(tmp_path, "data", config.prep.dataset_name, "pseudo_masks")
+  cache = os.path.join(
+      tmp_path, "data", config.prep.dataset_name, "pseudo_masks"
+  )
   assert sorted(os.listdir(cache)) == [f"im{i}.png" for i in range(5)]
-  assert sum(s.num_examples for s in input_pipeline.load_builder(path).info.splits.values()) == 10
+  assert (
+      sum(
+          s.num_examples
+          for s in input_pipeline.load_builder(path).info.splits.values()
+      )
+      == 10
+  )
 
 
 def test_truncated_image_is_named(tmp_path, test_config):
@@ -179,8 +187,11 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, test_config):
   killed = str(tmp_path / "killed")
   dataset_dir = os.path.join(killed, "shls_test", writer.VERSION)
   proc = subprocess.Popen(
-      args + [f"--config.data_dir={killed}"], env=env, cwd=REPO,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      args + [f"--config.data_dir={killed}"],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 120
   while time.time() < deadline:
@@ -193,16 +204,26 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, test_config):
   finished = len(os.listdir(os.path.join(dataset_dir, ".shards")))
   assert 3 <= finished < 16, "kill came too late to test a resume"
   assert not os.path.exists(os.path.join(dataset_dir, "dataset_info.json"))
-  subprocess.run(args + [f"--config.data_dir={killed}"], env=env, cwd=REPO,
-                 check=True, capture_output=True)
+  subprocess.run(
+      args + [f"--config.data_dir={killed}"],
+      env=env,
+      cwd=REPO,
+      check=True,
+      capture_output=True,
+  )
   clean = str(tmp_path / "clean")
-  subprocess.run(args + [f"--config.data_dir={clean}"], env=env, cwd=REPO,
-                 check=True, capture_output=True)
+  subprocess.run(
+      args + [f"--config.data_dir={clean}"],
+      env=env,
+      cwd=REPO,
+      check=True,
+      capture_output=True,
+  )
   clean_dir = os.path.join(clean, "shls_test", writer.VERSION)
   shards = sorted(n for n in os.listdir(clean_dir) if ".tfrecord-" in n)
-  assert sorted(
-      n for n in os.listdir(dataset_dir) if ".tfrecord-" in n
-  ) == shards
+  assert (
+      sorted(n for n in os.listdir(dataset_dir) if ".tfrecord-" in n) == shards
+  )
   assert not [n for n in os.listdir(dataset_dir) if n.startswith(".tmp")]
   for name in shards:
     with open(os.path.join(dataset_dir, name), "rb") as a:

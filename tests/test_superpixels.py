@@ -282,14 +282,12 @@ def test_adjacency_checker_and_diagonals():
   np.testing.assert_array_equal(
       superpixels.adjacency(quad), [[0, 1], [0, 2], [1, 3], [2, 3]]
   )
-  corner = np.array(
-      [
-          [0, 0, 2, 2],
-          [0, 0, 2, 2],
-          [2, 2, 1, 1],
-          [2, 2, 1, 1],
-      ]
-  )
+  corner = np.array([
+      [0, 0, 2, 2],
+      [0, 0, 2, 2],
+      [2, 2, 1, 1],
+      [2, 2, 1, 1],
+  ])
   np.testing.assert_array_equal(superpixels.adjacency(corner), [[0, 2], [1, 2]])
 
 

@@ -122,8 +122,12 @@ def test_first_frame_is_the_plain_resize(test_config):
   source = _source("noise", (50, 200), boxes)
   source = synthesis.Source("noise", image, source.ids, source.saliency)
   expected = transform.resize(
-      image.astype(float), (size, size), order=1, mode="edge",
-      anti_aliasing=False, preserve_range=True,
+      image.astype(float),
+      (size, size),
+      order=1,
+      mode="edge",
+      anti_aliasing=False,
+      preserve_range=True,
   )
   expected_ids = _nearest_reference(source.ids, size)
 
@@ -256,9 +260,7 @@ def test_paste_that_would_hide_an_object_is_rejected(test_config):
   drawer = _Drawer([huge])
   frames, labels = _synth(source, drawer, 0, prep)
   assert set(np.unique(labels)) == {0, 1}
-  np.testing.assert_array_equal(
-      labels[0], _nearest_reference(source.ids, size)
-  )
+  np.testing.assert_array_equal(labels[0], _nearest_reference(source.ids, size))
   assert not (frames[0] == 200).all(-1).any()
   assert 1 <= drawer.calls <= 4 * prep.min_labels
 

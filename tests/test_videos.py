@@ -18,7 +18,9 @@ def _davis(root, names=("bear", "car"), num_frames=5):
   rng = np.random.default_rng(0)
   for split_name, split in (("val", names),):
     os.makedirs(os.path.join(root, "ImageSets", "2017"), exist_ok=True)
-    with open(os.path.join(root, "ImageSets", "2017", f"{split_name}.txt"), "w") as f:
+    with open(
+        os.path.join(root, "ImageSets", "2017", f"{split_name}.txt"), "w"
+    ) as f:
       f.write("\n".join(split) + "\n")
   for v, name in enumerate(names):
     frames_dir = os.path.join(root, "JPEGImages", "480p", name)
@@ -68,7 +70,9 @@ def test_davis_folder_to_padded_videos(tmp_path, test_config):
   ]
   # JPEG frames are stored as the original bytes: decoding them gives the
   # same pixels as decoding the file.
-  first = iio.imread(os.path.join(root, "JPEGImages", "480p", "bear", "00000.jpg"))
+  first = iio.imread(
+      os.path.join(root, "JPEGImages", "480p", "bear", "00000.jpg")
+  )
   np.testing.assert_array_equal(bear["frames"][0], first)
   assert (bear["labels"][0, 0] == 255).all()
   assert bear["labels"][2, 8, 8] == 1
