@@ -146,14 +146,29 @@ def _decode_frames(encoded):
   )
 
 
-# Frames are decoded by `_decode_frames`, everything else by TFDS.
-_DECODERS = {"frames": tfds.decode.SkipDecoding()}
+# Image sequences stay encoded through the shuffle buffer (a decoded 256x256
+# training example is ~2 MB, encoded ~0.1 MB) and are decoded by `_parse`.
+_DECODERS = {
+    "frames": tfds.decode.SkipDecoding(),
+    "labels": tfds.decode.SkipDecoding(),
+    "superpixels": tfds.decode.SkipDecoding(),
+}
+
+
+def _decode_maps(encoded, dtype):
+  """string [T] of 1-channel PNGs -> int32 [T, H, W]."""
+  maps = tf.map_fn(
+      lambda x: tf.io.decode_png(x, channels=1, dtype=dtype),
+      encoded,
+      fn_output_signature=tf.TensorSpec([None, None, 1], dtype),
+  )
+  return tf.cast(maps[..., 0], tf.int32)
 
 
 def _parse(example, max_superpixels: int):
-  """Decoded TFDS example -> fixed-width tensors with validity masks."""
-  example = dict(example, frames=_decode_frames(example["frames"]))
-  num_frames = tf.shape(example["frames"])[0]
+  """Example with encoded images -> fixed-width tensors with validity masks."""
+  frames = _decode_frames(example["frames"])
+  num_frames = tf.shape(frames)[0]
   counts = example["num_superpixels"]
   tf.debugging.assert_less_equal(
       tf.reduce_max(counts),
@@ -168,9 +183,9 @@ def _parse(example, max_superpixels: int):
       example["adjacency"], num_frames, EDGES_PER_SUPERPIXEL * max_superpixels
   )
   return {
-      "frames": example["frames"],
-      "labels": tf.cast(example["labels"][..., 0], tf.int32),
-      "superpixels": tf.cast(example["superpixels"][..., 0], tf.int32),
+      "frames": frames,
+      "labels": _decode_maps(example["labels"], tf.uint8),
+      "superpixels": _decode_maps(example["superpixels"], tf.uint16),
       "num_superpixels": counts,
       "superpixel_valid": tf.sequence_mask(counts, max_superpixels),
       "edges": edges,
@@ -179,33 +194,65 @@ def _parse(example, max_superpixels: int):
   }
 
 
-def _read_config(seed, process_index, process_count):
-  return tfds.ReadConfig(
-      shuffle_seed=seed,
-      input_context=tf.distribute.InputContext(
-          num_input_pipelines=process_count, input_pipeline_id=process_index
-      ),
-      # Parallel reads of several shards; the order is still a function of
-      # the seed because interleave is deterministic by default.
-      interleave_cycle_length=4,
-  )
+def _epoch_seed(seed: int, epoch: int) -> int:
+  """A shuffle seed per (seed, epoch): every epoch's order is addressable."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _check_split(builder, split, process_count):
+def _process_split(
+    builder, split, process_index, process_count, drop_remainder=True
+):
+  """This process's share of the examples of `split`.
+
+  With `drop_remainder` every process gets exactly total // process_count
+  examples (training: equal steps everywhere); without it every example is
+  read by one process (evaluation).
+  """
   splits = builder.info.splits
   if split not in splits:
     raise ValueError(
         f"{builder.data_dir} has no split {split!r}; it has"
         f" {sorted(splits.keys())}."
     )
-  num_shards = splits[split].num_shards
-  if num_shards < process_count:
+  total = splits[split].num_examples
+  if total < process_count:
     raise ValueError(
-        f"Split {split!r} of {builder.data_dir} has {num_shards} shard files"
-        f" but {process_count} processes read it: every process needs at"
-        " least one file. Prepare the data with a smaller images_per_shard"
-        " (config.prep.images_per_shard) or run on fewer hosts."
+        f"Split {split!r} of {builder.data_dir} has {total} examples but"
+        f" {process_count} processes read it: every process needs at least"
+        " one. Prepare more data or run on fewer hosts."
     )
+  sub = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[
+      process_index
+  ]
+  return sub, total // process_count
+
+
+def batch_sizes(
+    global_batch_size: int, num_local_devices: int, process_count: int
+) -> tuple[int, int]:
+  """(per-device, per-process) batch sizes; an error if they do not divide."""
+  devices = process_count * num_local_devices
+  if global_batch_size % devices:
+    raise ValueError(
+        f"config.batch_size={global_batch_size} is not divisible by the"
+        f" {devices} devices ({process_count} processes x"
+        f" {num_local_devices} local devices); use a multiple of {devices}."
+    )
+  per_device = global_batch_size // devices
+  return per_device, per_device * num_local_devices
+
+
+def steps_per_epoch(
+    dataset_dir: str,
+    split: str,
+    *,
+    global_batch_size: int,
+    process_count: int = 1,
+) -> int:
+  """Full batches per epoch; the same on every process (each drops the rest)."""
+  builder = load_builder(dataset_dir)
+  _, per_process = _process_split(builder, split, 0, process_count)
+  return per_process // (global_batch_size // process_count)
 
 
 def sequence_dataset(
@@ -218,8 +265,11 @@ def sequence_dataset(
     process_index: int = 0,
     process_count: int = 1,
     shuffle: bool = True,
-    repeat: bool = True,
+    repeat: bool = False,
     seed: int = 0,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    pad_to_full_batches: bool = False,
     shuffle_buffer: int = 1024,
     prefetch: int = 2,
 ) -> tf.data.Dataset:
@@ -230,7 +280,12 @@ def sequence_dataset(
     frames uint8 [.., T, S, S, 3]; labels, superpixels int32 [.., T, S, S];
     num_superpixels int32 [.., T]; superpixel_valid bool [.., T, N_max];
     edges int32 [.., T, E_max, 2] and edge_valid bool [.., T, E_max] with
-    E_max = 3 N_max; num_objects int32 [..].
+    E_max = 3 N_max; num_objects int32 [..]; sequence_valid bool [..] (False
+    on padding).
+
+  Without `repeat` this is one epoch of `steps_per_epoch` batches whose order
+  is a function of (seed, epoch) alone, so a resumed run can start any epoch
+  at any batch and see exactly what an uninterrupted run saw.
 
   Args:
     dataset_dir: a prepared sequences dataset, `<data_dir>/<name>/<version>`.
@@ -239,42 +294,73 @@ def sequence_dataset(
     num_local_devices: devices of this process (`jax.local_device_count()`).
     max_superpixels: N_max; a frame with more is an error.
     process_index: this process (`jax.process_index()`); it reads its own
-      subset of the shard files.
+      equal share of the examples (`tfds.even_splits`).
     process_count: `jax.process_count()`.
     shuffle: shuffle files and examples.
-    repeat: repeat forever (training) or read once.
+    repeat: repeat forever (benchmarks, previews); training chains epochs.
     seed: shuffle seed.
+    epoch: which epoch's order to produce.
+    skip_batches: batches of this epoch to leave out (resuming mid-epoch);
+      the skipped examples are read but not decoded.
+    pad_to_full_batches: evaluation: every example of the split is read once
+      by one process and the last batches are completed with all-zero
+      sequences (sequence_valid False), the same number of batches on every
+      process.
     shuffle_buffer: examples in the shuffle buffer.
     prefetch: batches prepared ahead.
   """
-  devices = process_count * num_local_devices
-  if global_batch_size % devices:
-    raise ValueError(
-        f"config.batch_size={global_batch_size} is not divisible by the"
-        f" {devices} devices ({process_count} processes x"
-        f" {num_local_devices} local devices); use a multiple of {devices}."
-    )
-  per_device = global_batch_size // devices
+  per_device, local_batch = batch_sizes(
+      global_batch_size, num_local_devices, process_count
+  )
   builder = load_builder(dataset_dir)
-  _check_split(builder, split, process_count)
-  # Order: shard files per process (input_context), interleave, decode with
-  # the shared spec, shuffle before repeat, batch with drop_remainder, split
-  # the batch over local devices, prefetch.
+  sub_split, _ = _process_split(
+      builder,
+      split,
+      process_index,
+      process_count,
+      drop_remainder=not pad_to_full_batches,
+  )
+  epoch_seed = _epoch_seed(seed, epoch)
+  # Order: this process's share of the examples, interleave the shard files,
+  # shuffle the encoded examples (before repeat), skip what a resumed run has
+  # already seen, decode with the shared spec, batch with drop_remainder,
+  # split the batch over local devices, prefetch.
   ds = builder.as_dataset(
-      split=split,
+      split=sub_split,
       shuffle_files=shuffle,
-      read_config=_read_config(seed, process_index, process_count),
+      read_config=tfds.ReadConfig(
+          shuffle_seed=epoch_seed,
+          # Parallel reads of several shards; the order is still a function
+          # of the seed because interleave is deterministic by default.
+          interleave_cycle_length=4,
+      ),
       decoders=_DECODERS,
   )
-  ds = ds.map(
-      lambda ex: _parse(ex, max_superpixels),
-      num_parallel_calls=tf.data.AUTOTUNE,
-  )
   if shuffle:
-    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.batch(per_device * num_local_devices, drop_remainder=True)
+  ds = ds.skip(skip_batches * local_batch)
+  ds = ds.map(
+      lambda ex: dict(
+          _parse(ex, max_superpixels), sequence_valid=tf.constant(True)
+      ),
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  if pad_to_full_batches:
+    # Every process runs the same number of batches (collectives would hang
+    # otherwise): enough for the largest share, ceil(total / processes).
+    total = builder.info.splits[split].num_examples
+    largest_share = -(-total // process_count)
+    padded = -(-largest_share // local_batch) * local_batch
+    padding = ds.take(1).map(
+        lambda ex: dict(
+            tf.nest.map_structure(tf.zeros_like, ex),
+            sequence_valid=tf.constant(False),
+        )
+    )
+    ds = ds.concatenate(padding.repeat()).take(padded)
+  ds = ds.batch(local_batch, drop_remainder=True)
 
   def per_device_split(batch):
     return tf.nest.map_structure(
@@ -287,6 +373,48 @@ def sequence_dataset(
 
   ds = ds.map(per_device_split, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(prefetch)
+
+
+def training_batches(
+    dataset_dir: str,
+    *,
+    start_step: int,
+    **kwargs,
+):
+  """Endless training batches (NumPy) from step `start_step` on.
+
+  Epoch e is `sequence_dataset(..., epoch=e)`; step s is batch
+  s % steps_per_epoch of epoch s // steps_per_epoch, so resuming at any step
+  continues the exact stream of an uninterrupted run.
+
+  Args:
+    dataset_dir: a prepared sequences dataset.
+    start_step: the first step to produce.
+    **kwargs: `sequence_dataset` arguments (not split, epoch, skip_batches,
+      repeat); split is 'train'.
+
+  Yields:
+    dicts of NumPy arrays as `sequence_dataset` describes.
+  """
+  per_epoch = steps_per_epoch(
+      dataset_dir,
+      "train",
+      global_batch_size=kwargs["global_batch_size"],
+      process_count=kwargs.get("process_count", 1),
+  )
+  if per_epoch < 1:
+    raise ValueError(
+        f"{dataset_dir} has too few training sequences for one batch of"
+        f" {kwargs['global_batch_size']}; lower config.batch_size or prepare"
+        " more data."
+    )
+  epoch, skip = divmod(start_step, per_epoch)
+  while True:
+    ds = sequence_dataset(
+        dataset_dir, "train", epoch=epoch, skip_batches=skip, **kwargs
+    )
+    yield from ds.as_numpy_iterator()
+    epoch, skip = epoch + 1, 0
 
 
 def video_dataset(
@@ -311,12 +439,11 @@ def video_dataset(
   Padded frames are all-zero with empty validity masks.
   """
   builder = load_builder(dataset_dir)
-  _check_split(builder, split, process_count)
+  sub_split, _ = _process_split(
+      builder, split, process_index, process_count, drop_remainder=False
+  )
   ds = builder.as_dataset(
-      split=split,
-      shuffle_files=False,
-      read_config=_read_config(0, process_index, process_count),
-      decoders=_DECODERS,
+      split=sub_split, shuffle_files=False, decoders=_DECODERS
   )
 
   def parse(example):

@@ -118,7 +118,7 @@ def test_batches_are_split_per_device_and_padded(sequences_dir):
   assert not edges[0, 1:].any()
 
 
-def test_each_host_reads_its_own_files(sequences_dir):
+def test_each_host_reads_its_own_examples(sequences_dir):
   seen = []
   for index in range(2):
     batches = _read(
@@ -157,11 +157,47 @@ def test_batch_size_must_divide_over_devices(sequences_dir):
     )
 
 
-def test_too_many_hosts_for_the_shards(sequences_dir):
+def test_too_many_hosts_for_the_examples(sequences_dir):
   with pytest.raises(ValueError, match="every process needs at least one"):
     _read(
-        sequences_dir, global_batch_size=5, num_local_devices=1, process_count=5
+        sequences_dir,
+        global_batch_size=20,
+        num_local_devices=1,
+        process_count=20,
     )
+
+
+def test_epochs_are_addressable_and_resumable(sequences_dir):
+  def first_pixels(batches):
+    return [b["frames"][:, :, 0, 0, 0, 0].ravel().tolist() for b in batches]
+
+  kwargs = dict(
+      global_batch_size=4,
+      num_local_devices=2,
+      max_superpixels=10,
+      shuffle_buffer=16,
+      seed=5,
+  )
+  epoch0 = first_pixels(_read(sequences_dir, shuffle=True, epoch=0, **kwargs))
+  epoch1 = first_pixels(_read(sequences_dir, shuffle=True, epoch=1, **kwargs))
+  assert len(epoch0) == 4 == len(epoch1)
+  assert epoch0 != epoch1
+  assert sorted(sum(epoch0, [])) == sorted(sum(epoch1, []))
+  assert (
+      input_pipeline.steps_per_epoch(
+          sequences_dir, "train", global_batch_size=4
+      )
+      == 4
+  )
+  stream = input_pipeline.training_batches(
+      sequences_dir, start_step=0, **kwargs
+  )
+  uninterrupted = first_pixels(next(stream) for _ in range(7))
+  assert uninterrupted == epoch0 + epoch1[:3]
+  resumed = input_pipeline.training_batches(
+      sequences_dir, start_step=3, **kwargs
+  )
+  assert first_pixels(next(resumed) for _ in range(4)) == uninterrupted[3:]
 
 
 def test_superpixels_above_n_max_are_an_error(sequences_dir):
@@ -195,3 +231,28 @@ def test_videos_are_padded_to_the_time_bucket(tmp_path):
   assert not v5["superpixel_valid"][5:].any()
   assert len(v5["frame_names"]) == 5
   assert videos["v_8"]["frames"].shape[0] == 8
+
+
+def test_evaluation_batches_cover_every_example_once(sequences_dir):
+  # 16 examples, 3 processes with 2 devices x 1: shares 6, 5, 5 -> 3 batches
+  # of 2 on every process, the missing ones padded.
+  seen = []
+  for index in range(3):
+    batches = _read(
+        sequences_dir,
+        global_batch_size=6,
+        num_local_devices=2,
+        process_index=index,
+        process_count=3,
+        pad_to_full_batches=True,
+    )
+    assert len(batches) == 3
+    valid = np.concatenate([b["sequence_valid"].ravel() for b in batches])
+    assert valid.sum() == (6 if index == 0 else 5)
+    assert valid[: valid.sum()].all()
+    for b in batches:
+      pad = ~b["sequence_valid"]
+      assert not b["frames"][pad].any()
+      assert not b["superpixel_valid"][pad].any()
+      seen += [tuple(f[:, 0, 0, 0]) for f in b["frames"][b["sequence_valid"]]]
+  assert len(seen) == 16 == len(set(seen))
