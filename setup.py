@@ -26,6 +26,7 @@ setuptools.setup(
         "scipy>=1.13",  # Already required by scikit-image; used directly.
         "scikit-image>=0.26",
         "ml-collections>=1.1",
+        "tensorboard>=2.21",  # Event files for training curves (tf.summary).
         "tqdm>=4.66",  # Progress bars on long offline work.
         "imageio>=2.37",  # Frame and mask I/O (ships with scikit-image).
         "av>=14",  # Video-file decoding for own videos (PyAV wheels).

@@ -16,7 +16,6 @@ Inputs are the images bundled with scikit-image (no download).
 import argparse
 import datetime
 import os
-import platform
 import runpy
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import skimage.transform  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks import results  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import saliency  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import still_images  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -157,10 +157,7 @@ def main():
     )
     records_per_s = bench_reader(dataset_dir, 10 if args.quick else 60)
 
-  machine = (
-      f"{platform.machine()}, {os.cpu_count()} cores, Python"
-      f" {platform.python_version()}"
-  )
+  machine = results.machine_description()
   lines = [
       f"## Offline phase ({datetime.date.today().isoformat()})",
       "",
@@ -191,17 +188,7 @@ def main():
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.quick:
-    header = (
-        "# Benchmark results\n\nNewest first. Each section names its command,"
-        " machine and date.\n\n"
-    )
-    old = ""
-    if os.path.exists(args.out):
-      with open(args.out) as f:
-        old = f.read()
-      old = old[len(header) :] if old.startswith(header) else old
-    with open(args.out, "w") as f:
-      f.write(header + text + "\n" + old)
+    results.prepend_section(args.out, text)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,52 @@ def get_config():
 
   # --- Input pipeline.
   config.batch_size = 32  # Sequences, global over all devices.
+  config.eval_batch_size = 32  # Validation sequences, global.
   config.shuffle_buffer = 1024
   config.prefetch = 2
+
+  # --- Network (SPEC 3).
+  config.model = ml_collections.ConfigDict()
+  config.model.sf_channels = 32
+  config.model.stem_features = 64
+  config.model.stage_features = (64, 128, 256, 256)
+  config.model.stage_blocks = (2, 2, 2, 2)
+  # Running statistics of the heads' one-channel BatchNorm: 'mean' (one
+  # update per batch) or 'sequential' (the authors' per-superpixel loop).
+  config.model.sf_stat_update = "mean"
+  # Input normalisation: the still-image set (DAVIS has its own, SPEC 3.1).
+  config.model.pixel_mean = (0.4532, 0.4335, 0.3921)
+  config.model.pixel_std = (0.3025, 0.2918, 0.3122)
+
+  # --- Loss (SPEC 4.1).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.temperature = 0.07
+  config.loss.positives = "frame"  # frame (the paper) | sequence
+  # Superpixels of other sequences, gathered from all devices, as negatives.
+  config.loss.cross_batch_negatives = True
+  # Room for the superpixels that splitting frame 0 at object borders adds
+  # (SPEC 6.1): frame maps are padded to max_superpixels + this.
+  config.loss.split_extra_superpixels = 128
+
+  # --- Training (SPEC 5).
+  config.train = ml_collections.ConfigDict()
+  config.train.stage = "superfeatures"  # superfeatures | decoder | joint
+  config.train.learning_rate = 1e-4  # Adam, per replica (see next line).
+  config.train.scale_lr_by_replicas = True  # lr x device count.
+  config.train.num_epochs = 200
+  config.train.num_train_steps = 0  # > 0 overrides num_epochs.
+  config.train.log_every_steps = 50
+  config.train.eval_every_steps = 1000  # Also at the end; 0 = only there.
+  config.train.checkpoint_every_steps = 1000  # Also at the end.
+  config.train.max_checkpoints = 3
+
+  # --- Multi-host (TPU pods, GPU clusters). jax.distributed is initialised
+  # when `initialize` is True or the environment sets JAX_COORDINATOR_ADDRESS
+  # (with JAX_NUM_PROCESSES and JAX_PROCESS_ID); empty fields are left to
+  # JAX's cluster detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
   return config

@@ -26,5 +26,17 @@ def get_config():
   config.eval_data.time_bucket = 4
   config.eval_data.num_workers = 1
   config.batch_size = 8
+  config.eval_batch_size = 8
   config.shuffle_buffer = 16
+  config.prefetch = 1
+  # A narrow network: compiles and steps in seconds on a CPU.
+  config.model.sf_channels = 8
+  config.model.stem_features = 8
+  config.model.stage_features = (8, 8, 16, 16)
+  config.model.stage_blocks = (1, 1, 1, 1)
+  config.loss.split_extra_superpixels = 32
+  config.train.num_train_steps = 4
+  config.train.log_every_steps = 2
+  config.train.eval_every_steps = 0
+  config.train.checkpoint_every_steps = 2
   return config

@@ -1,0 +1,668 @@
+"""TrainState, the per-device train step and the training loop (SPEC 4, 5).
+
+The step is a per-device program (`train_step`): it sees its own slice of the
+global batch, gathers superfeatures over the device axis `AXIS` for the
+NT-Xent negatives, and computes the global loss, whose gradient is the
+gradient of the whole batch; BatchNorm statistics are averaged with `pmean`. `make_train_step` wraps it once with `jax.shard_map` over a
+one-axis mesh of every device of every process, so the same code runs on one
+CPU, on a GPU and on a TPU pod (one process per host, `jax.distributed`).
+
+Stages (SPEC 5) choose which parameters the optimizer moves: top-level
+parameter groups are 'superfeatures' (backbone and heads) and 'decoder'
+(everything else); a frozen group gets zero updates from `optax.set_to_zero`
+and keeps no Adam moments.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+import tqdm
+
+from shls_jax import checkpoint
+from shls_jax import input_pipeline
+from shls_jax import losses
+from shls_jax import segments
+from shls_jax import validation
+from shls_jax.models import backbone as backbone_lib
+from shls_jax.models import superfeatures as superfeatures_lib
+
+P = jax.sharding.PartitionSpec
+# The one device axis: data parallelism over every device of every process.
+AXIS = "batch"
+# Top-level parameter names that belong to the superfeature network; any
+# other top-level name is the decoder (the next stage of the model).
+SUPERFEATURE_MODULES = ("feat_extractor", "sf_head_", "sf_conv_1x1_")
+STAGES = {
+    "superfeatures": ("superfeatures",),
+    "decoder": ("decoder",),
+    "joint": ("superfeatures", "decoder"),
+}
+# Fields of a training batch the step reads.
+BATCH_KEYS = ("frames", "labels", "superpixels", "num_superpixels")
+EVAL_BATCH_KEYS = BATCH_KEYS + ("sequence_valid",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What crosses step boundaries; always rebind with `state.replace`."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# --------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def make_model(config: ml_collections.ConfigDict):
+  """The superfeature network of `config.model` (SPEC 3)."""
+  return superfeatures_lib.SuperfeatureNet(
+      sf_channels=config.model.sf_channels,
+      stem_features=config.model.stem_features,
+      stage_features=tuple(config.model.stage_features),
+      stage_blocks=tuple(config.model.stage_blocks),
+      sf_stat_update=config.model.sf_stat_update,
+  )
+
+
+def num_segments(config: ml_collections.ConfigDict) -> int:
+  """N of every frame in the step: N_max plus room for the frame-0 split."""
+  return (
+      config.train_superpixels.max_superpixels
+      + config.loss.split_extra_superpixels
+  )
+
+
+def param_group(path: tuple[str, ...]) -> str:
+  """'superfeatures' or 'decoder' for a parameter path."""
+  return (
+      "superfeatures" if path[0].startswith(SUPERFEATURE_MODULES) else "decoder"
+  )
+
+
+def learning_rate(
+    config: ml_collections.ConfigDict, num_replicas: int
+) -> float:
+  scale = num_replicas if config.train.scale_lr_by_replicas else 1
+  return config.train.learning_rate * scale
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, num_replicas: int
+) -> optax.GradientTransformation:
+  """Adam on the stage's parameter groups, zero updates for the others."""
+  stage = config.train.stage
+  if stage not in STAGES:
+    raise ValueError(
+        f"config.train.stage={stage!r} is not one of {sorted(STAGES)}."
+    )
+  trained = STAGES[stage]
+
+  def labels(params):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return flax.traverse_util.unflatten_dict({
+        path: "train" if param_group(path) in trained else "freeze"
+        for path in flat
+    })
+
+  return optax.multi_transform(
+      {
+          "train": optax.adam(learning_rate(config, num_replicas)),
+          "freeze": optax.set_to_zero(),
+      },
+      labels,
+  )
+
+
+def check_stage(config: ml_collections.ConfigDict, params) -> None:
+  """Refuses a stage whose trained groups have no parameters."""
+  groups = {
+      param_group(path)
+      for path in flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  }
+  missing = set(STAGES[config.train.stage]) - groups
+  if missing:
+    raise ValueError(
+        f"config.train.stage={config.train.stage!r} trains the"
+        f" {sorted(missing)} parameters, which this model does not have:"
+        " the refinement decoder and its cross-entropy loss come with the"
+        " video system (SPEC 7). Train stage 'superfeatures' for now."
+    )
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    model,
+    tx: optax.GradientTransformation,
+) -> TrainState:
+  """Fresh parameters from `config.seed` (not jitted; see `create_state`)."""
+  n = num_segments(config)
+  # No parameter depends on the frame size: initialise on a small one.
+  size = 32
+  variables = model.init(
+      jax.random.key(config.seed),
+      jnp.zeros((1, size, size, 3)),
+      jnp.zeros((1, size, size), jnp.int32),
+      jnp.ones((1, n), bool),
+      train=False,
+  )
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(params),
+  )
+
+
+def create_state(config, model, tx, mesh) -> TrainState:
+  """`init_state` compiled with replicated outputs on every device."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  init = jax.jit(
+      functools.partial(init_state, config, model, tx),
+      out_shardings=replicated,
+  )
+  return init()
+
+
+# --------------------------------------------------------------------------
+# The per-device programs.
+
+
+def prepare_superpixels(batch, config) -> dict[str, jax.Array]:
+  """Frame-0 split at object borders, validity and majority ids.
+
+  Args:
+    batch: labels, superpixels int32 [b, T, H, W] and num_superpixels int32
+      [b, T] of one device.
+    config: the config.
+
+  Returns:
+    superpixels int32 [b, T, H, W] (frame 0 split, SPEC 6.1), valid bool
+    [b, T, N], ids int32 [b, T, N] (majority label, -1 for ids without a
+    pixel), split_overflow int32 [b] (border components left unsplit because
+    N was full).
+  """
+  n = num_segments(config)
+  labels, superpixels = batch["labels"], batch["superpixels"]
+  split0, count0, overflow = jax.vmap(
+      lambda s, l, c: segments.split_at_label_borders(s, l, c, n)
+  )(superpixels[:, 0], labels[:, 0], batch["num_superpixels"][:, 0])
+  superpixels = superpixels.at[:, 0].set(split0)
+  counts = batch["num_superpixels"].at[:, 0].set(count0)
+  valid = jnp.arange(n) < counts[..., None]
+  ids = segments.majority_labels(superpixels, labels, n)
+  return {
+      "superpixels": superpixels,
+      "valid": valid & (ids >= 0),
+      "ids": ids,
+      "split_overflow": overflow,
+  }
+
+
+def _apply(model, variables, frames, prepared, config, train):
+  """The network on [b, T] frames -> superfeatures [b, T, N, D] (+ stats)."""
+  b, t, h, w, _ = frames.shape
+  x = backbone_lib.normalize(
+      frames.reshape(b * t, h, w, 3),
+      config.model.pixel_mean,
+      config.model.pixel_std,
+  )
+  out, mutated = model.apply(
+      variables,
+      x,
+      prepared["superpixels"].reshape(b * t, h, w),
+      prepared["valid"].reshape(b * t, -1),
+      train=train,
+      mutable=["batch_stats"] if train else [],
+  )
+  features = out["superfeatures"].reshape(b, t, *out["superfeatures"].shape[1:])
+  return features, mutated
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, model, tx, config
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step of stage 1 on this device's slice of the batch.
+
+  Args:
+    state: replicated TrainState.
+    batch: this device's sequences: frames uint8 [b, T, H, W, 3], labels and
+      superpixels int32 [b, T, H, W], num_superpixels int32 [b, T].
+    model: the SuperfeatureNet.
+    tx: the optimizer of `make_optimizer`.
+    config: the config.
+
+  Returns:
+    The new state (identical on every device) and metrics averaged over
+    devices: loss, positive_pairs, split_overflow.
+  """
+  prepared = prepare_superpixels(batch, config)
+
+  def loss_fn(params):
+    features, mutated = _apply(
+        model,
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["frames"],
+        prepared,
+        config,
+        train=True,
+    )
+    loss, aux = losses.nt_xent(
+        features,
+        prepared["ids"],
+        prepared["valid"],
+        temperature=config.loss.temperature,
+        positives=config.loss.positives,
+        cross_batch_negatives=config.loss.cross_batch_negatives,
+        axis_name=AXIS,
+    )
+    return loss, (aux, mutated["batch_stats"])
+
+  # The loss is already the global one (sums and counts psum'ed over AXIS).
+  # With shard_map's varying-axes checking on, the gradient of a value
+  # replicated over AXIS w.r.t. the replicated parameters is the global
+  # gradient: the transpose of the implicit broadcast sums the devices'
+  # contributions, so no psum/pmean of gradients follows (one would count
+  # them 8 times on 8 devices; tests/test_train.py checks this).
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  # Each device normalised its own slice; running statistics are averaged.
+  batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+  )
+  metrics = {
+      "loss": loss,
+      "positive_pairs": aux["num_positive_pairs"],
+      "split_overflow": jax.lax.psum(prepared["split_overflow"].sum(), AXIS),
+  }
+  return state, metrics
+
+
+def eval_step(
+    params, batch_stats, batch, *, model, config
+) -> dict[str, jax.Array]:
+  """Stage-1 validation sums on this device's sequences, summed over devices.
+
+  Returns:
+    iou_sum / objects for the network's superfeatures (evaluation-mode
+    BatchNorm) and colour_iou_sum / objects for mean-colour features.
+  """
+  prepared = prepare_superpixels(batch, config)
+  features, _ = _apply(
+      model,
+      {"params": params, "batch_stats": batch_stats},
+      batch["frames"],
+      prepared,
+      config,
+      train=False,
+  )
+  b, t, h, w, _ = batch["frames"].shape
+  colours, _ = superfeatures_lib.segment_mean(
+      backbone_lib.normalize(
+          batch["frames"].reshape(b * t, h, w, 3),
+          config.model.pixel_mean,
+          config.model.pixel_std,
+      ),
+      prepared["superpixels"].reshape(b * t, h, w),
+      features.shape[2],
+  )
+  colours = colours.reshape(b, t, *colours.shape[1:])
+  common = (
+      prepared["valid"],
+      prepared["ids"][:, 0],
+      prepared["superpixels"],
+      batch["labels"],
+      batch["sequence_valid"],
+  )
+  iou_sum, objects = validation.transfer_iou(features, *common)
+  colour_sum, _ = validation.transfer_iou(colours, *common)
+  return jax.lax.psum(
+      {"iou_sum": iou_sum, "colour_iou_sum": colour_sum, "objects": objects},
+      AXIS,
+  )
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """One data-parallel axis over every device of every process."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh(
+      (len(devices),),
+      (AXIS,),
+      axis_types=(jax.sharding.AxisType.Auto,),
+      devices=devices,
+  )
+
+
+def make_train_step(model, tx, config, mesh):
+  """`train_step` wrapped once for the mesh and compiled (state donated)."""
+  step = jax.shard_map(
+      functools.partial(train_step, model=model, tx=tx, config=config),
+      mesh=mesh,
+      in_specs=(P(), P(AXIS)),
+      out_specs=(P(), P()),
+  )
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model, config, mesh):
+  step = jax.shard_map(
+      functools.partial(eval_step, model=model, config=config),
+      mesh=mesh,
+      in_specs=(P(), P(), P(AXIS)),
+      out_specs=P(),
+  )
+  return jax.jit(step)
+
+
+# --------------------------------------------------------------------------
+# Host side: batches, metrics, the loop.
+
+
+def global_batch(
+    local: dict[str, np.ndarray], mesh, keys
+) -> dict[str, jax.Array]:
+  """Process-local [local_devices, per_device, ...] -> global [batch, ...]."""
+  sharding = jax.sharding.NamedSharding(mesh, P(AXIS))
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding, local[k].reshape(-1, *local[k].shape[2:])
+      )
+      for k in keys
+  }
+
+
+class MetricWriter:
+  """TensorBoard event files and a metrics.jsonl; only process 0 writes."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if self._active:
+      self._writer = tf.summary.create_file_writer(
+          os.path.join(workdir, "tensorboard")
+      )
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._active:
+      return
+    with self._writer.as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value, step=step)
+    self._writer.flush()
+    self._jsonl.write(
+        json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
+        + "\n"
+    )
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._writer.close()
+      self._jsonl.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json once; a resumed run with another config keeps both."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    index = 1
+    while os.path.exists(os.path.join(workdir, f"config.{index}.json")):
+      index += 1
+    path = os.path.join(workdir, f"config.{index}.json")
+    logging.warning(
+        "The config differs from %s/config.json of the run being resumed;"
+        " writing it to %s.",
+        workdir,
+        path,
+    )
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def dataset_dir(config: ml_collections.ConfigDict, data_dir: str) -> str:
+  """The prepared training dataset: <data_dir>/<name>/<version>."""
+  root = os.path.join(data_dir, config.prep.dataset_name)
+  if not tf.io.gfile.isdir(root):
+    raise FileNotFoundError(
+        f"No prepared dataset at {root}. Prepare it with `python -m"
+        " data_prep.still_images --config=...` (config.data_dir and"
+        " config.prep.dataset_name name it)."
+    )
+  versions = sorted(
+      v for v in tf.io.gfile.listdir(root) if v.rstrip("/")[0].isdigit()
+  )
+  if not versions:
+    raise FileNotFoundError(
+        f"{root} holds no dataset version folder; run the preparation again."
+    )
+  return os.path.join(root, versions[-1].rstrip("/"))
+
+
+def _num_train_steps(config, data) -> tuple[int, int]:
+  per_epoch = input_pipeline.steps_per_epoch(
+      data,
+      "train",
+      global_batch_size=config.batch_size,
+      process_count=jax.process_count(),
+  )
+  if per_epoch < 1:
+    raise ValueError(
+        f"{data} has too few training sequences for one batch of"
+        f" config.batch_size={config.batch_size}."
+    )
+  if config.train.num_train_steps > 0:
+    return config.train.num_train_steps, per_epoch
+  return config.train.num_epochs * per_epoch, per_epoch
+
+
+def evaluate(params, batch_stats, eval_fn, config, data, mesh) -> dict:
+  """Mean IoU per object on the validation split (network, mean colour)."""
+  sums = None
+  ds = input_pipeline.sequence_dataset(
+      data,
+      "validation",
+      global_batch_size=config.eval_batch_size,
+      num_local_devices=jax.local_device_count(),
+      max_superpixels=config.train_superpixels.max_superpixels,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shuffle=False,
+      pad_to_full_batches=True,
+  )
+  for local in ds.as_numpy_iterator():
+    out = eval_fn(
+        params, batch_stats, global_batch(local, mesh, EVAL_BATCH_KEYS)
+    )
+    out = jax.tree.map(np.asarray, out)
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  objects = max(float(sums["objects"]), 1.0)
+  return {
+      "iou": float(sums["iou_sum"]) / objects,
+      "colour_iou": float(sums["colour_iou_sum"]) / objects,
+      "objects": int(sums["objects"]),
+  }
+
+
+def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
+  for step, metrics in step_metrics:
+    if not np.isfinite(metrics["loss"]):
+      raise FloatingPointError(
+          f"The loss became {metrics['loss']} at step {step}. Training"
+          " stopped; the last checkpoint before it is intact. Lower"
+          " config.train.learning_rate or check the data of this run."
+      )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, data_dir: str
+) -> dict:
+  """Trains stage 1 and returns the final metrics; resumes from `workdir`.
+
+  Args:
+    config: the config (`configs/davis.py` documents the fields).
+    workdir: checkpoints, TensorBoard events, metrics.jsonl, config.json.
+    data_dir: root of the prepared datasets (config.prep.dataset_name).
+
+  Returns:
+    step, loss (mean of the last logging interval), val_iou and val_objects
+    (final validation), on a fresh start val_iou_untrained and
+    val_iou_mean_colour (the floors), and the final TrainState as state.
+  """
+  for batch_size in (config.batch_size, config.eval_batch_size):
+    input_pipeline.batch_sizes(
+        batch_size, jax.local_device_count(), jax.process_count()
+    )
+  tf.io.gfile.makedirs(workdir)
+  data = dataset_dir(config, data_dir)
+  mesh = make_mesh()
+  num_devices = jax.device_count()
+  num_steps, per_epoch = _num_train_steps(config, data)
+  model = make_model(config)
+  tx = make_optimizer(config, num_devices)
+  state = create_state(config, model, tx, mesh)
+  check_stage(config, state.params)
+  untrained = (state.params, state.batch_stats)
+  save_config(config, workdir)
+
+  # Resume order: the newest complete checkpoint in <workdir>/checkpoints
+  # (falling back to older ones if it is damaged, see checkpoint.py), else
+  # the fresh initialisation from config.seed.
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.train.max_checkpoints,
+  )
+  state, restored_step = ckpt.restore_latest(state)
+  start_step = int(state.step)
+  if restored_step is not None:
+    logging.info("Resuming from step %d.", start_step)
+
+  train_fn = make_train_step(model, tx, config, mesh)
+  eval_fn = make_eval_step(model, config, mesh)
+  writer = MetricWriter(workdir)
+  batches = input_pipeline.training_batches(
+      data,
+      start_step=start_step,
+      global_batch_size=config.batch_size,
+      num_local_devices=jax.local_device_count(),
+      max_superpixels=config.train_superpixels.max_superpixels,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      seed=config.seed,
+      shuffle_buffer=config.shuffle_buffer,
+      prefetch=config.prefetch,
+  )
+  lr = learning_rate(config, num_devices)
+  logging.info(
+      "%d steps (%d per epoch), batch %d on %d devices, lr %g.",
+      num_steps,
+      per_epoch,
+      config.batch_size,
+      num_devices,
+      lr,
+  )
+
+  summary = {}
+  if restored_step is None:
+    floors = evaluate(*untrained, eval_fn, config, data, mesh)
+    summary["val_iou_untrained"] = floors["iou"]
+    summary["val_iou_mean_colour"] = floors["colour_iou"]
+    writer.write(
+        start_step,
+        {
+            "val/iou_untrained": floors["iou"],
+            "val/iou_mean_colour": floors["colour_iou"],
+        },
+    )
+    logging.info("Validation floors: %s", floors)
+
+  pending = []  # (step, device metrics) since the last log.
+  bar = tqdm.tqdm(
+      total=num_steps,
+      initial=start_step,
+      desc="train",
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+  )
+  interval_start = time.perf_counter()
+  interval_steps = 0
+  step = start_step
+  last_loss = math.nan
+  while step < num_steps:
+    state, metrics = train_fn(
+        state, global_batch(next(batches), mesh, BATCH_KEYS)
+    )
+    step += 1
+    interval_steps += 1
+    pending.append((step, metrics))
+    bar.update(1)
+    is_last = step == num_steps
+    log_now = step % config.train.log_every_steps == 0 or is_last
+    save_now = step % config.train.checkpoint_every_steps == 0 or is_last
+    eval_every = config.train.eval_every_steps
+    eval_now = is_last or (eval_every > 0 and step % eval_every == 0)
+    if log_now or save_now or eval_now:
+      fetched = [
+          (s, jax.tree.map(float, jax.device_get(m))) for s, m in pending
+      ]
+      pending = []
+      _check_finite(fetched)
+      elapsed = time.perf_counter() - interval_start
+      means = {
+          f"train/{k}": float(np.mean([m[k] for _, m in fetched]))
+          for k in fetched[0][1]
+      }
+      means["train/learning_rate"] = lr
+      means["train/steps_per_second"] = interval_steps / max(elapsed, 1e-9)
+      writer.write(step, means)
+      last_loss = means["train/loss"]
+      bar.set_postfix(loss=f"{last_loss:.4f}")
+      interval_start, interval_steps = time.perf_counter(), 0
+    if save_now:
+      ckpt.save(step, state, force=is_last)
+    if eval_now:
+      scores = evaluate(
+          state.params, state.batch_stats, eval_fn, config, data, mesh
+      )
+      writer.write(step, {"val/iou": scores["iou"]})
+      summary["val_iou"] = scores["iou"]
+      summary["val_objects"] = scores["objects"]
+      bar.write(f"step {step}: validation mean IoU {scores['iou']:.4f}")
+      # Steps per second measure training only.
+      interval_start = time.perf_counter()
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  summary["step"] = step
+  summary["loss"] = last_loss
+  summary["state"] = state
+  return summary

@@ -1,0 +1,418 @@
+"""The training system: stages, the distributed step, the loop, resuming."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+
+from data_prep import demo
+from shls_jax import checkpoint
+from shls_jax import train
+from tests.conftest import REPO
+from tests.conftest import load_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The embedded demo dataset at the test config's tiny size."""
+  path = str(tmp_path_factory.mktemp("data"))
+  demo.prepare(load_config("test"), path)
+  return path
+
+
+def _params_of(workdir, config):
+  """Final parameters in a workdir's newest checkpoint, as NumPy."""
+  model = train.make_model(config)
+  tx = train.make_optimizer(config, jax.device_count())
+  template = train.create_state(config, model, tx, train.make_mesh())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, step = ckpt.restore_latest(template)
+  ckpt.close()
+  return step, jax.tree.map(np.asarray, state.params)
+
+
+def _assert_trees_equal(a, b):
+  flat_a = flax.traverse_util.flatten_dict(a)
+  flat_b = flax.traverse_util.flatten_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+@pytest.mark.parametrize(
+    "stage, moved",
+    [
+        ("superfeatures", {"feat_extractor", "sf_head_L1_0"}),
+        ("decoder", {"segmenter"}),
+        ("joint", {"feat_extractor", "sf_head_L1_0", "segmenter"}),
+    ],
+)
+def test_stages_freeze_through_the_optimizer(test_config, stage, moved):
+  test_config.train.stage = stage
+  params = {
+      "feat_extractor": {"conv1_0": {"kernel": jnp.ones((3, 3))}},
+      "sf_head_L1_0": {"bias": jnp.ones(4)},
+      "segmenter": {"pred": {"kernel": jnp.ones((2, 2))}},
+  }
+  tx = train.make_optimizer(test_config, num_replicas=1)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, opt_state, params)
+  new = optax.apply_updates(params, updates)
+  changed = {
+      name
+      for name in params
+      if any(
+          not np.array_equal(a, b)
+          for a, b in zip(
+              jax.tree.leaves(params[name]), jax.tree.leaves(new[name])
+          )
+      )
+  }
+  assert changed == moved
+
+
+def test_stage_without_its_parameters_is_refused(test_config):
+  test_config.train.stage = "decoder"
+  params = {"feat_extractor": {"k": jnp.ones(2)}}
+  with pytest.raises(ValueError, match="stage='decoder'.*decoder"):
+    train.check_stage(test_config, params)
+  test_config.train.stage = "warmup"
+  with pytest.raises(ValueError, match="not one of"):
+    train.make_optimizer(test_config, 1)
+
+
+def test_learning_rate_scales_with_replicas(test_config):
+  assert train.learning_rate(test_config, 8) == pytest.approx(8e-4)
+  test_config.train.scale_lr_by_replicas = False
+  assert train.learning_rate(test_config, 8) == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _batch(rng, batch, t=3, size=16, n=12):
+  """Random sequences: blocky superpixels and labels, random frames."""
+  blocks = rng.integers(0, n, (batch, t, size // 4, size // 4))
+  superpixels = np.kron(blocks, np.ones((4, 4), np.int32)).astype(np.int32)
+  # Relabel to consecutive ids per frame, as the records guarantee.
+  counts = np.zeros((batch, t), np.int32)
+  for b in range(batch):
+    for f in range(t):
+      _, inv = np.unique(superpixels[b, f], return_inverse=True)
+      superpixels[b, f] = inv.reshape(size, size)
+      counts[b, f] = inv.max() + 1
+  labels = (np.arange(size)[None, None, None, :] >= size // 2) * (
+      1 + rng.integers(0, 2, (batch, t, 1, 1))
+  )
+  labels = np.broadcast_to(labels, superpixels.shape).astype(np.int32)
+  frames = rng.integers(0, 256, (batch, t, size, size, 3), dtype=np.uint8)
+  return {
+      "frames": frames,
+      "labels": np.ascontiguousarray(labels),
+      "superpixels": superpixels,
+      "num_superpixels": counts,
+  }
+
+
+def _step_once(config, mesh, batch):
+  model = train.make_model(config)
+  tx = train.make_optimizer(config, num_replicas=1)
+  state = train.create_state(config, model, tx, mesh)
+  step = train.make_train_step(model, tx, config, mesh)
+  sharding = jax.sharding.NamedSharding(mesh, train.P(train.AXIS))
+  batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  state, metrics = step(state, batch)
+  return jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, metrics)
+
+
+def test_sharded_step_equals_single_device(test_config):
+  # Each of 8 devices gets the same 2 sequences, with no cross-device
+  # negatives: every device's part of the loss, gradient and BatchNorm
+  # statistics equals the single-device ones, so psum/pmean wiring errors
+  # (a missing or doubled reduction) change the result by a factor.
+  test_config.train_superpixels.max_superpixels = 16
+  test_config.loss.split_extra_superpixels = 8
+  test_config.loss.cross_batch_negatives = False
+  one = _batch(np.random.default_rng(0), 2)
+  eight = {k: np.concatenate([v] * 8) for k, v in one.items()}
+  single_state, single_metrics = _step_once(
+      test_config, train.make_mesh(jax.devices()[:1]), one
+  )
+  sharded_state, sharded_metrics = _step_once(
+      test_config, train.make_mesh(), eight
+  )
+  assert single_metrics["loss"] > 0
+  np.testing.assert_allclose(
+      sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5
+  )
+  assert (
+      sharded_metrics["positive_pairs"] == 8 * single_metrics["positive_pairs"]
+  )
+  for a, b in zip(
+      jax.tree.leaves(single_state), jax.tree.leaves(sharded_state)
+  ):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  assert int(sharded_state.step) == 1
+
+
+def test_frame0_is_split_at_object_borders(test_config):
+  test_config.train_superpixels.max_superpixels = 4
+  test_config.loss.split_extra_superpixels = 4
+  superpixels = np.zeros((1, 2, 4, 4), np.int32)
+  superpixels[:, :, :, 2:] = 1
+  labels = np.zeros((1, 2, 4, 4), np.int32)
+  labels[:, :, 1:3, 1:3] = 5  # Straddles both superpixels.
+  prepared = train.prepare_superpixels(
+      {
+          "labels": jnp.asarray(labels),
+          "superpixels": jnp.asarray(superpixels),
+          "num_superpixels": jnp.full((1, 2), 2, jnp.int32),
+      },
+      test_config,
+  )
+  split = np.asarray(prepared["superpixels"])
+  # Frame 0: the object's halves became superpixels 2 and 3; frame 1 kept.
+  assert set(np.unique(split[0, 0])) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(split[0, 1], superpixels[0, 1])
+  np.testing.assert_array_equal(
+      np.asarray(prepared["valid"][0]),
+      [
+          [True, True, True, True, False, False, False, False],
+          [True, True, False, False, False, False, False, False],
+      ],
+  )
+  np.testing.assert_array_equal(
+      np.asarray(prepared["ids"][0, 0, :4]), [0, 0, 5, 5]
+  )
+  for sp in (2, 3):
+    assert (labels[0, 0][split[0, 0] == sp] == 5).all()
+
+
+def test_batch_size_not_divisible_by_devices_is_refused(
+    test_config, data_dir, tmp_path
+):
+  test_config.batch_size = 12
+  with pytest.raises(
+      ValueError, match="batch_size=12 is not divisible by the 8"
+  ):
+    train.train_and_evaluate(test_config, str(tmp_path), data_dir)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_training_writes_everything_and_resumes(
+    test_config, data_dir, tmp_path
+):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(test_config, workdir, data_dir)
+  assert summary["step"] == 4
+  assert np.isfinite(summary["loss"])
+  assert 0.0 <= summary["val_iou_mean_colour"] <= 1.0
+  assert 0.0 <= summary["val_iou"] <= 1.0
+  assert summary["val_objects"] > 0
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["num_train_steps"] == 4
+  records = [
+      json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+  ]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+  assert {"val/iou_untrained", "val/iou_mean_colour"} <= records[0].keys()
+  assert "val/iou" in records[-1]
+  events = tf.io.gfile.glob(os.path.join(workdir, "tensorboard", "events.*"))
+  tags = {
+      v.tag
+      for e in tf.compat.v1.train.summary_iterator(events[0])
+      for v in e.summary.value
+  }
+  assert {
+      "train/loss",
+      "train/learning_rate",
+      "train/steps_per_second",
+      "val/iou",
+      "val/iou_untrained",
+      "val/iou_mean_colour",
+  } <= tags
+
+  # Six steps in the same workdir continue from step 4.
+  step4, params4 = _params_of(workdir, test_config)
+  test_config.train.num_train_steps = 6
+  summary = train.train_and_evaluate(test_config, workdir, data_dir)
+  assert summary["step"] == 6 and "val_iou_untrained" not in summary
+  step6, params6 = _params_of(workdir, test_config)
+  assert (step4, step6) == (4, 6)
+  assert any(
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params6))
+  )
+
+  # A damaged newest checkpoint: the run falls back to step 4 (with a
+  # warning), redoes steps 5 and 6 and reaches the same parameters.
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6")):
+    for name in files:
+      if name.endswith(".json") or "ocdbt" in root:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(f.name) // 2, 1))
+  summary = train.train_and_evaluate(test_config, workdir, data_dir)
+  assert summary["step"] == 6
+  _, params_again = _params_of(workdir, test_config)
+  _assert_trees_equal(params6, params_again)
+
+
+def test_non_finite_loss_stops_with_the_step(test_config, data_dir, tmp_path):
+  test_config.train.learning_rate = 1e30
+  test_config.train.num_train_steps = 6
+  with pytest.raises(FloatingPointError, match=r"at step \d"):
+    train.train_and_evaluate(test_config, str(tmp_path), data_dir)
+
+
+def _main_command(workdir, data_dir, *overrides):
+  return [
+      sys.executable,
+      "-m",
+      "shls_jax.main",
+      f"--config={os.path.join(REPO, 'configs', 'test.py')}",
+      "--config.mode=train",
+      f"--config.data_dir={data_dir}",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
+
+
+def test_sigkill_resumes_to_the_same_parameters(
+    test_config, data_dir, tmp_path
+):
+  steps = ["--config.train.num_train_steps=8"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  straight = str(tmp_path / "straight")
+  subprocess.run(
+      _main_command(straight, data_dir, *steps),
+      check=True,
+      env=env,
+      capture_output=True,
+  )
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(
+      _main_command(killed, data_dir, *steps),
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(
+        name.isdigit() for name in os.listdir(ckpt_dir)
+    ):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished = [n for n in os.listdir(ckpt_dir) if n.isdigit()]
+  assert "8" not in finished
+  subprocess.run(
+      _main_command(killed, data_dir, *steps),
+      check=True,
+      env=env,
+      capture_output=True,
+  )
+  test_config.train.num_train_steps = 8
+  step_a, params_a = _params_of(straight, test_config)
+  step_b, params_b = _params_of(killed, test_config)
+  assert step_a == step_b == 8
+  _assert_trees_equal(params_a, params_b)
+
+
+_WORKER = textwrap.dedent("""
+    import os, sys
+    import jax
+    jax.distributed.initialize(
+        coordinator_address=os.environ["COORDINATOR"],
+        num_processes=2,
+        process_id=int(os.environ["PROCESS_ID"]),
+    )
+    import numpy as np
+    import runpy
+    import flax
+    from shls_jax import train
+    config = runpy.run_path(sys.argv[1])["get_config"]()
+    config.mode = "train"
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.train.num_train_steps = 2
+    workdir, data_dir = sys.argv[2], sys.argv[3]
+    assert jax.process_count() == 2 and jax.device_count() == 4
+    summary = train.train_and_evaluate(config, workdir, data_dir)
+    # Each process's own copy of the final parameters.
+    state = summary["state"]
+    flat = flax.traverse_util.flatten_dict(jax.tree.map(
+        lambda x: np.asarray(x.addressable_data(0)), state.params))
+    np.savez(os.path.join(workdir, f"params_{jax.process_index()}.npz"),
+             **{"/".join(k): v for k, v in flat.items()},
+             step=int(state.step.addressable_data(0)))
+""")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_to_identical_parameters(data_dir, tmp_path):
+  workdir = str(tmp_path / "multihost")
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  port = _free_port()
+  procs = []
+  for index in range(2):
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        COORDINATOR=f"localhost:{port}",
+        PROCESS_ID=str(index),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                os.path.join(REPO, "configs", "test.py"),
+                workdir,
+                data_dir,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    )
+  outputs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+  a = np.load(os.path.join(workdir, "params_0.npz"))
+  b = np.load(os.path.join(workdir, "params_1.npz"))
+  assert int(a["step"]) == int(b["step"]) == 2
+  assert a.files == b.files and len(a.files) > 10
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
