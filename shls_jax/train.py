@@ -144,6 +144,38 @@ def check_stage(config: ml_collections.ConfigDict, params) -> None:
     )
 
 
+def check_fusion_alive(config: ml_collections.ConfigDict, params) -> None:
+  """Refuses a network whose fusion ReLU is zero for every input.
+
+  The heads end in a ReLU, so both fused channels a, b are >= 0 and
+  relu(w0 a + w1 b + c) is 0 everywhere when w0, w1 and c are all <= 0: the
+  superfeatures are zero and no gradient ever reaches any parameter. With
+  PyTorch's initialisation this happens for about one seed in eight (for
+  example seed 3).
+  """
+  if "superfeatures" not in STAGES[config.train.stage]:
+    return
+  # This process's copy (replicated parameters; works on multi-host too).
+  fusion = jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0))
+      if isinstance(x, jax.Array)
+      else np.asarray(x),
+      params["sf_conv_1x1_0"],
+  )
+  if bool(
+      (np.asarray(fusion["kernel"]) <= 0).all()
+      and (np.asarray(fusion["bias"]) <= 0).all()
+  ):
+    raise ValueError(
+        f"With config.seed={config.seed} the 2 -> 1 fusion of the"
+        " superfeature heads starts with non-positive weights and bias"
+        f" (kernel {np.asarray(fusion['kernel']).ravel()}, bias"
+        f" {np.asarray(fusion['bias']).ravel()}): its ReLU outputs zero for"
+        " every superpixel and training could never move it. Use another"
+        " config.seed."
+    )
+
+
 def init_state(
     config: ml_collections.ConfigDict,
     model,
@@ -300,13 +332,26 @@ def train_step(
 
 
 def eval_step(
-    params, batch_stats, batch, *, model, config
+    params, batch_stats, batch, *, model, config, per_row_batch_norm=False
 ) -> dict[str, jax.Array]:
   """Stage-1 validation sums on this device's sequences, summed over devices.
 
+  Args:
+    params: the network's parameters.
+    batch_stats: its BatchNorm running statistics.
+    batch: this device's validation sequences (`EVAL_BATCH_KEYS`).
+    model: the SuperfeatureNet.
+    config: the config.
+    per_row_batch_norm: normalise the heads' outputs with each superpixel's
+      own statistics (the training behaviour) instead of the running ones.
+      The untrained floor uses it: an untrained network has never estimated
+      running statistics, and with the initial ones (0, 1) the fused ReLU is
+      zero everywhere for many seeds, which would make the floor a constant
+      labelling rather than the network's features.
+
   Returns:
-    iou_sum / objects for the network's superfeatures (evaluation-mode
-    BatchNorm) and colour_iou_sum / objects for mean-colour features.
+    iou_sum / objects for the network's superfeatures and colour_iou_sum /
+    objects for mean-colour features.
   """
   prepared = prepare_superpixels(batch, config)
   features, _ = _apply(
@@ -315,7 +360,9 @@ def eval_step(
       batch["frames"],
       prepared,
       config,
-      train=False,
+      # Training-mode BatchNorm also updates running statistics; they are
+      # dropped here.
+      train=per_row_batch_norm,
   )
   b, t, h, w, _ = batch["frames"].shape
   colours, _ = superfeatures_lib.segment_mean(
@@ -365,9 +412,14 @@ def make_train_step(model, tx, config, mesh):
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(model, config, mesh):
+def make_eval_step(model, config, mesh, per_row_batch_norm=False):
   step = jax.shard_map(
-      functools.partial(eval_step, model=model, config=config),
+      functools.partial(
+          eval_step,
+          model=model,
+          config=config,
+          per_row_batch_norm=per_row_batch_norm,
+      ),
       mesh=mesh,
       in_specs=(P(), P(), P(AXIS)),
       out_specs=P(),
@@ -512,6 +564,22 @@ def evaluate(params, batch_stats, eval_fn, config, data, mesh) -> dict:
   }
 
 
+def _last_logged(workdir: str, tags) -> dict[str, float]:
+  """The last value of each of `tags` in <workdir>/metrics.jsonl, if any."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  values = {}
+  if not tf.io.gfile.exists(path):
+    return values
+  with tf.io.gfile.GFile(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A line cut short by a kill.
+      values.update({tag: record[tag] for tag in tags if tag in record})
+  return values
+
+
 def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
   for step, metrics in step_metrics:
     if not np.isfinite(metrics["loss"]):
@@ -561,6 +629,7 @@ def train_and_evaluate(
       max_to_keep=config.train.max_checkpoints,
   )
   state, restored_step = ckpt.restore_latest(state)
+  check_fusion_alive(config, state.params)
   start_step = int(state.step)
   if restored_step is not None:
     logging.info("Resuming from step %d.", start_step)
@@ -591,8 +660,23 @@ def train_and_evaluate(
   )
 
   summary = {}
-  if restored_step is None:
-    floors = evaluate(*untrained, eval_fn, config, data, mesh)
+  last_loss = math.nan
+  if restored_step is not None:
+    # What the run being resumed measured: its floors (at its fresh start)
+    # and its last loss, for the report when nothing is left to train.
+    logged = _last_logged(
+        workdir, ("val/iou_untrained", "val/iou_mean_colour", "train/loss")
+    )
+    last_loss = logged.pop("train/loss", math.nan)
+    summary.update({k.replace("/", "_"): v for k, v in logged.items()})
+  else:
+    floors = evaluate(
+        *untrained,
+        make_eval_step(model, config, mesh, per_row_batch_norm=True),
+        config,
+        data,
+        mesh,
+    )
     summary["val_iou_untrained"] = floors["iou"]
     summary["val_iou_mean_colour"] = floors["colour_iou"]
     writer.write(
@@ -615,7 +699,6 @@ def train_and_evaluate(
   interval_start = time.perf_counter()
   interval_steps = 0
   step = start_step
-  last_loss = math.nan
   while step < num_steps:
     state, metrics = train_fn(
         state, global_batch(next(batches), mesh, BATCH_KEYS)
@@ -659,6 +742,13 @@ def train_and_evaluate(
       # Steps per second measure training only.
       interval_start = time.perf_counter()
   bar.close()
+  if "val_iou" not in summary:
+    # Nothing left to train (a finished run started again): score it anyway.
+    scores = evaluate(
+        state.params, state.batch_stats, eval_fn, config, data, mesh
+    )
+    summary["val_iou"] = scores["iou"]
+    summary["val_objects"] = scores["objects"]
   ckpt.wait()
   ckpt.close()
   writer.close()

@@ -7,9 +7,10 @@ ground truth as IoU per object (J of SPEC 9 on frames 1..T-1; both masks
 empty -> 1). Objects are the non-zero ids of frame 0; background is a class
 for the transfer but is not scored.
 
-The same score from an untrained network's superfeatures and from plain mean
-colours (normalised RGB averaged per superpixel) are the floors a trained
-network must beat.
+The same score from an untrained network's superfeatures (its BatchNorm on
+per-superpixel statistics, see `train.eval_step`) and from plain mean colours
+(normalised RGB averaged per superpixel) are the floors a trained network
+must beat.
 """
 
 import jax

@@ -98,6 +98,34 @@ def test_stage_without_its_parameters_is_refused(test_config):
     train.make_optimizer(test_config, 1)
 
 
+def test_a_dead_fusion_is_refused(test_config):
+  model = train.make_model(test_config)
+  tx = train.make_optimizer(test_config, 1)
+  state = train.init_state(test_config, model, tx)
+  train.check_fusion_alive(test_config, state.params)  # Seed 0 is alive.
+  fusion = state.params["sf_conv_1x1_0"]
+  dead = dict(
+      state.params,
+      sf_conv_1x1_0={k: -jnp.abs(v) for k, v in fusion.items()},
+  )
+  # Dead means what the message says: zero superfeatures for any input.
+  rng = np.random.default_rng(0)
+  out = model.apply(
+      {"params": dead, "batch_stats": state.batch_stats},
+      jnp.asarray(rng.normal(size=(1, 16, 16, 3)), jnp.float32),
+      jnp.asarray(rng.integers(0, 4, size=(1, 16, 16)), jnp.int32),
+      jnp.arange(train.num_segments(test_config))[None] < 4,
+      train=True,
+      mutable=["batch_stats"],
+  )[0]
+  assert not np.asarray(out["superfeatures"]).any()
+  with pytest.raises(ValueError, match="seed=0 .*Use another config.seed"):
+    train.check_fusion_alive(test_config, dead)
+  # A stage that does not train the superfeatures does not care.
+  test_config.train.stage = "decoder"
+  train.check_fusion_alive(test_config, dead)
+
+
 def test_learning_rate_scales_with_replicas(test_config):
   assert train.learning_rate(test_config, 8) == pytest.approx(8e-4)
   test_config.train.scale_lr_by_replicas = False
@@ -222,7 +250,7 @@ def test_training_writes_everything_and_resumes(
     test_config, data_dir, tmp_path
 ):
   workdir = str(tmp_path / "run")
-  summary = train.train_and_evaluate(test_config, workdir, data_dir)
+  summary = first = train.train_and_evaluate(test_config, workdir, data_dir)
   assert summary["step"] == 4
   assert np.isfinite(summary["loss"])
   assert 0.0 <= summary["val_iou_mean_colour"] <= 1.0
@@ -256,7 +284,10 @@ def test_training_writes_everything_and_resumes(
   step4, params4 = _params_of(workdir, test_config)
   test_config.train.num_train_steps = 6
   summary = train.train_and_evaluate(test_config, workdir, data_dir)
-  assert summary["step"] == 6 and "val_iou_untrained" not in summary
+  assert summary["step"] == 6
+  # The floors are measured once, at the fresh start, and read back.
+  assert summary["val_iou_untrained"] == first["val_iou_untrained"]
+  assert summary["val_iou_mean_colour"] == first["val_iou_mean_colour"]
   step6, params6 = _params_of(workdir, test_config)
   assert (step4, step6) == (4, 6)
   assert any(
@@ -275,6 +306,10 @@ def test_training_writes_everything_and_resumes(
   assert summary["step"] == 6
   _, params_again = _params_of(workdir, test_config)
   _assert_trees_equal(params6, params_again)
+
+  # A finished run started again trains nothing and still reports its score.
+  again = train.train_and_evaluate(test_config, workdir, data_dir)
+  assert again["step"] == 6 and again["val_iou"] == summary["val_iou"]
 
 
 def test_non_finite_loss_stops_with_the_step(test_config, data_dir, tmp_path):
@@ -344,17 +379,15 @@ def test_sigkill_resumes_to_the_same_parameters(
 
 _WORKER = textwrap.dedent("""
     import os, sys
-    import jax
-    jax.distributed.initialize(
-        coordinator_address=os.environ["COORDINATOR"],
-        num_processes=2,
-        process_id=int(os.environ["PROCESS_ID"]),
-    )
-    import numpy as np
     import runpy
+    from shls_jax import main
+    config = runpy.run_path(sys.argv[1])["get_config"]()
+    # The entry point's route: the environment names the coordinator.
+    main.maybe_initialize_distributed(config)
+    import jax
+    import numpy as np
     import flax
     from shls_jax import train
-    config = runpy.run_path(sys.argv[1])["get_config"]()
     config.mode = "train"
     config.batch_size = 4
     config.eval_batch_size = 4
@@ -388,8 +421,9 @@ def test_two_processes_train_to_identical_parameters(data_dir, tmp_path):
     env = dict(
         os.environ,
         PYTHONPATH=REPO,
-        COORDINATOR=f"localhost:{port}",
-        PROCESS_ID=str(index),
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(index),
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
     )
