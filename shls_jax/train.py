@@ -445,15 +445,29 @@ def global_batch(
 
 
 class MetricWriter:
-  """TensorBoard event files and a metrics.jsonl; only process 0 writes."""
+  """TensorBoard event files and a metrics.jsonl; only process 0 writes.
+
+  The workdir may be a local path or any filesystem TensorFlow knows (gs://
+  on TPU pods). Locally metrics.jsonl is appended to; object stores cannot
+  append, so there the whole (small) file is rewritten at every write.
+  """
 
   def __init__(self, workdir: str):
     self._active = jax.process_index() == 0
-    if self._active:
-      self._writer = tf.summary.create_file_writer(
-          os.path.join(workdir, "tensorboard")
-      )
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if not self._active:
+      return
+    self._writer = tf.summary.create_file_writer(
+        os.path.join(workdir, "tensorboard")
+    )
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._remote = "://" in workdir
+    if self._remote:
+      self._text = ""
+      if tf.io.gfile.exists(self._path):
+        with tf.io.gfile.GFile(self._path) as f:
+          self._text = f.read()
+    else:
+      self._jsonl = open(self._path, "a")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._active:
@@ -462,16 +476,22 @@ class MetricWriter:
       for name, value in scalars.items():
         tf.summary.scalar(name, value, step=step)
     self._writer.flush()
-    self._jsonl.write(
+    line = (
         json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
         + "\n"
     )
-    self._jsonl.flush()
+    if self._remote:
+      self._text += line
+      _write_text(self._path, self._text)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
 
   def close(self) -> None:
     if self._active:
       self._writer.close()
-      self._jsonl.close()
+      if not self._remote:
+        self._jsonl.close()
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -480,12 +500,12 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
       if f.read() == text:
         return
     index = 1
-    while os.path.exists(os.path.join(workdir, f"config.{index}.json")):
+    while tf.io.gfile.exists(os.path.join(workdir, f"config.{index}.json")):
       index += 1
     path = os.path.join(workdir, f"config.{index}.json")
     logging.warning(
@@ -494,10 +514,17 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         workdir,
         path,
     )
+  _write_text(path, text)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Replaces `path` with `text` whole: a reader never sees half of it."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  if tf.io.gfile.exists(tmp):
+    tf.io.gfile.remove(tmp)  # Left by a killed run.
+  with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, path)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def dataset_dir(config: ml_collections.ConfigDict, data_dir: str) -> str:

@@ -13,6 +13,7 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -450,3 +451,30 @@ def test_two_processes_train_to_identical_parameters(data_dir, tmp_path):
   assert a.files == b.files and len(a.files) > 10
   for key in a.files:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_metrics_and_config_go_to_remote_filesystems(tmp_path):
+  # ram:// stands for gs:// (no append, writes replace whole objects).
+  workdir = f"ram://{tmp_path.name}/run"
+  writer = train.MetricWriter(workdir)
+  writer.write(1, {"train/loss": 2.0})
+  writer.write(2, {"train/loss": 1.5})
+  writer.close()
+  writer = train.MetricWriter(workdir)  # A resumed run appends.
+  writer.write(3, {"val/iou_untrained": 0.25})
+  writer.close()
+  with tf.io.gfile.GFile(f"{workdir}/metrics.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [1, 2, 3]
+  assert train._last_logged(workdir, ("train/loss", "val/iou_untrained")) == {
+      "train/loss": 1.5,
+      "val/iou_untrained": 0.25,
+  }
+  config = ml_collections.ConfigDict({"seed": 0})
+  train.save_config(config, workdir)
+  train.save_config(config, workdir)  # Unchanged: nothing new.
+  config.seed = 1
+  train.save_config(config, workdir)
+  assert sorted(
+      n for n in tf.io.gfile.listdir(workdir) if n.startswith("config")
+  ) == ["config.1.json", "config.json"]
