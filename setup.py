@@ -29,6 +29,7 @@ setuptools.setup(
         "tensorboard>=2.21",  # Event files for training curves (tf.summary).
         "tqdm>=4.66",  # Progress bars on long offline work.
         "imageio>=2.37",  # Frame and mask I/O (ships with scikit-image).
+        "pillow>=10",  # Palette PNGs of results (ships with imageio).
         "av>=14",  # Video-file decoding for own videos (PyAV wheels).
     ],
     extras_require={
