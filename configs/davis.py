@@ -118,6 +118,10 @@ def get_config():
   # Input normalisation: the still-image set (DAVIS has its own, SPEC 3.1).
   config.model.pixel_mean = (0.4532, 0.4335, 0.3921)
   config.model.pixel_std = (0.3025, 0.2918, 0.3122)
+  # Refinement decoder (SPEC 7): every object crop is resampled to this
+  # (height, width), multiples of 4; the authors crop at native box size
+  # (at 480p their boxes cover about 23 % of the frame, ~230 x 410).
+  config.model.decoder_crop_size = (224, 384)
 
   # --- Loss (SPEC 4.1).
   config.loss = ml_collections.ConfigDict()
