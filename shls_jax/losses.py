@@ -1,4 +1,4 @@
-"""Losses: NT-Xent on superfeatures with cross-device negatives (SPEC 4.1).
+"""Losses: NT-Xent with cross-device negatives (SPEC 4.1), cross-entropy (4.2).
 
 `nt_xent` scores every positive pair of superpixels (same object id) against
 all negatives of its anchor at once, with masks: the authors sample 16
@@ -245,3 +245,37 @@ def nt_xent(
   loss = total / jnp.maximum(num_frames, 1)
   aux = {"num_positive_pairs": num_pairs, "num_frames_with_pairs": num_frames}
   return loss, aux
+
+
+def aggregated_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Pixel-wise cross-entropy of soft-aggregated logits (SPEC 4.2).
+
+  Args:
+    logits: float [..., C, H, W], the decoder's aggregated logits per frame
+      (class 0 background, 1..C-1 the objects; see decoder.aggregate). Pass
+      frames 1..T-1 only: frame 0 is given.
+    labels: int [..., H, W], the frames' label maps. Pixels whose label is
+      not in [0, C) (an object beyond the configured maximum, void) are left
+      out of the mean.
+    axis_name: device axis; if set, the mean is over the pixels of every
+      device (sums and counts psum'ed), like `nt_xent`'s.
+
+  Returns:
+    (mean cross-entropy over the counted pixels, 0 when there are none;
+    number of counted pixels), float32 scalars.
+  """
+  num_classes = logits.shape[-3]
+  log_p = jax.nn.log_softmax(logits, axis=-3)
+  counted = (labels >= 0) & (labels < num_classes)
+  index = jnp.where(counted, labels, 0)[..., None, :, :]
+  picked = jnp.take_along_axis(log_p, index, axis=-3)[..., 0, :, :]
+  total = -jnp.sum(jnp.where(counted, picked, 0.0))
+  count = jnp.sum(counted).astype(jnp.float32)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return total / jnp.maximum(count, 1.0), count

@@ -335,3 +335,62 @@ def test_sharded_gradients_without_vma_checks_need_rescaling():
   np.testing.assert_allclose(grad_x, 8 * grad_x0, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad_w_mean, grad_w0, rtol=1e-4, atol=1e-6)
   assert np.abs(np.asarray(grad_w[0]) - np.asarray(grad_w0)).max() > 1e-3
+
+
+# ------------------------------------------------- cross-entropy (SPEC 4.2)
+
+
+def _cross_entropy_reference(logits, labels):
+  """Loop over pixels: -log softmax(logits)[label], ignored labels skipped."""
+  logits = logits.reshape(-1, *logits.shape[-3:])
+  labels = labels.reshape(-1, *labels.shape[-2:])
+  total, count = 0.0, 0
+  for f in range(logits.shape[0]):
+    for y in range(logits.shape[2]):
+      for x in range(logits.shape[3]):
+        label = labels[f, y, x]
+        if not 0 <= label < logits.shape[1]:
+          continue
+        z = logits[f, :, y, x].astype(np.float64)
+        total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[label]
+        count += 1
+  return total / max(count, 1), count
+
+
+def test_cross_entropy_matches_a_pixel_loop():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 2, 4, 5, 6)).astype(np.float32) * 3
+  labels = rng.integers(0, 4, size=(2, 2, 5, 6))
+  labels[0, 1, :2] = 7  # An object beyond the configured ones.
+  labels[1, 0, 3] = 255  # Void.
+  loss, count = losses.aggregated_cross_entropy(
+      jnp.asarray(logits), jnp.asarray(labels)
+  )
+  want, want_count = _cross_entropy_reference(logits, labels)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert count == want_count == 2 * 2 * 5 * 6 - 12 - 6
+  # Nothing to count: zero, not NaN.
+  loss, count = losses.aggregated_cross_entropy(
+      jnp.asarray(logits), jnp.full(labels.shape, 9)
+  )
+  assert loss == 0 and count == 0
+
+
+def test_sharded_cross_entropy_is_the_global_mean():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(8, 3, 4, 4)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, size=(8, 4, 4)))
+  labels = labels.at[:3].set(9)  # Devices 0-2 count nothing.
+  mesh = jax.make_mesh((8,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.jit(
+      jax.shard_map(
+          functools.partial(losses.aggregated_cross_entropy, axis_name=AXIS),
+          mesh=mesh,
+          in_specs=(P(AXIS), P(AXIS)),
+          out_specs=(P(), P()),
+      )
+  )
+  got, count = sharded(logits, labels)
+  want, want_count = losses.aggregated_cross_entropy(logits, labels)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert count == want_count == 5 * 16
