@@ -6,16 +6,19 @@ holds that function's pieces; so far the memory-side half:
   predict   superfeatures of a frame -> the memory's hard labels painted on
             pixels and filtered for outliers (SPEC 6.2), the four score maps
             per object the decoder reads, and each object's test box (6.4).
+  refine    the decoder on every object's crops, pasted back and soft-
+            aggregated into one logit map (SPEC 7).
 
-Next to come (issue 4): the decoder crops, aggregation and the memory update
-chained into `step(carry, frame)`, the scan over a video with a frame mask,
-and the same step inside the stage-2 train step.
+Next to come (issue 4): these and the memory update chained into
+`step(carry, frame)`, the scan over a video with a frame mask, and the same
+step inside the stage-2 train step.
 """
 
 import jax
 import jax.numpy as jnp
 
 from shls_jax import memory
+from shls_jax.models import decoder as decoder_lib
 
 
 def paint(per_superpixel: jax.Array, superpixels: jax.Array) -> jax.Array:
@@ -81,3 +84,57 @@ def predict(
       lambda c, first: memory.tracked_box(coarse == c, first, box_r)
   )(objects, state.first_boxes[1:])
   return {"coarse": coarse, "maps": maps, "boxes": boxes, "labels": labels}
+
+
+def refine(
+    model: decoder_lib.Decoder,
+    variables,
+    *,
+    boxes: jax.Array,
+    mask0: jax.Array,
+    prev_pred: jax.Array,
+    f1: jax.Array,
+    f4: jax.Array,
+    maps: jax.Array,
+    object_valid: jax.Array,
+    crop_size: tuple[int, int],
+    train: bool = False,
+):
+  """The decoder's aggregated logits for one frame (SPEC 7).
+
+  Args:
+    model: the Decoder.
+    variables: its params and batch_stats.
+    boxes: int32 [K, 3, 4], per object the first, previous and current box.
+    mask0: [K, H, W], each object's frame-0 mask.
+    prev_pred: [K, H, W], each object's previous prediction (probability).
+    f1: [3, H, W, 67], F1 of frame 0, the previous and the current frame.
+    f4: [3, H/4, W/4, 259], F4 likewise.
+    maps: [2, K, H, W, 4], the four maps of the previous and the current
+      frame per object.
+    object_valid: bool [K], objects that exist.
+    crop_size: (Hc, Wc), multiples of 4.
+    train: BatchNorm mode (training returns the updated batch_stats).
+
+  Returns:
+    (logits [K + 1, H, W] as `decoder.aggregate`, the updated batch_stats or
+    None when not training).
+  """
+  crops = jax.vmap(
+      lambda b, m0, pp, mp: decoder_lib.crop_inputs(
+          b, m0, pp, f1, mp, f4, crop_size
+      ),
+      in_axes=(0, 0, 0, 1),
+  )(boxes, mask0, prev_pred, maps)
+  if train:
+    logits, mutated = model.apply(
+        variables, **crops, train=True, mutable=["batch_stats"]
+    )
+    batch_stats = mutated["batch_stats"]
+  else:
+    logits, batch_stats = model.apply(variables, **crops, train=False), None
+  frame_size = mask0.shape[1:]
+  pasted, inside = jax.vmap(
+      lambda lg, box: decoder_lib.paste(lg, box, frame_size)
+  )(logits, boxes[:, 2])
+  return decoder_lib.aggregate(pasted, inside, object_valid), batch_stats

@@ -6,6 +6,7 @@ import numpy as np
 
 from shls_jax import memory
 from shls_jax import tracker
+from shls_jax.models import decoder as decoder_lib
 
 N, D, C = 20, 4, 4  # Superpixel slots, feature size, class slots.
 
@@ -98,3 +99,68 @@ def test_paint_is_a_gather_by_id():
       tracker.paint(values, ids),
       [[[5.0, 6.0], [1.0, 2.0]], [[3.0, 4.0], [3.0, 4.0]]],
   )
+
+
+def test_refine_is_the_decoder_per_object_pasted_and_aggregated():
+  rng = np.random.default_rng(1)
+  h, w, k, crop = 24, 32, 3, (8, 12)
+
+  def normal(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+  boxes = jnp.asarray([
+      [[0, 0, 24, 32], [2, 4, 20, 28], [4, 8, 16, 24]],
+      [[8, 0, 24, 16], [6, 0, 24, 20], [10, 2, 22, 18]],
+      [[0, 0, 24, 32]] * 3,  # Padding object.
+  ])
+  mask0 = jnp.asarray(rng.random((k, h, w)) > 0.5, jnp.float32)
+  prev_pred = jnp.asarray(rng.random((k, h, w)), jnp.float32)
+  f1 = normal(3, h, w, 67)
+  f4 = normal(3, h // 4, w // 4, 259)
+  maps = normal(2, k, h, w, 4)
+  valid = jnp.asarray([True, True, False])
+  model = decoder_lib.Decoder()
+  first = decoder_lib.crop_inputs(
+      boxes[0], mask0[0], prev_pred[0], f1, maps[:, 0], f4, crop
+  )
+  variables = model.init(
+      jax.random.key(0),
+      **jax.tree.map(lambda x: x[None], first),
+      train=False,
+  )
+  logits, stats = jax.jit(
+      lambda v: tracker.refine(
+          model,
+          v,
+          boxes=boxes,
+          mask0=mask0,
+          prev_pred=prev_pred,
+          f1=f1,
+          f4=f4,
+          maps=maps,
+          object_valid=valid,
+          crop_size=crop,
+      )
+  )(variables)
+  assert logits.shape == (k + 1, h, w) and stats is None
+
+  # The same by hand, one object at a time.
+  probs = []
+  for o in range(2):
+    crops = decoder_lib.crop_inputs(
+        boxes[o], mask0[o], prev_pred[o], f1, maps[:, o], f4, crop
+    )
+    out = model.apply(
+        variables, **jax.tree.map(lambda x: x[None], crops), train=False
+    )[0]
+    pasted, inside = decoder_lib.paste(out, boxes[o, 2], (h, w))
+    p = np.asarray(jax.nn.softmax(pasted, -1)[..., 1])
+    probs.append(np.where(np.asarray(inside), p, 0.0))
+  q = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  np.testing.assert_allclose(q[1], np.clip(probs[0], 1e-7, 1), atol=1e-5)
+  np.testing.assert_allclose(q[2], np.clip(probs[1], 1e-7, 1), atol=1e-5)
+  np.testing.assert_allclose(q[3], 1e-7, rtol=1e-3)  # Padding.
+  background = np.clip((1 - probs[0]) * (1 - probs[1]), 1e-7, 1 - 1e-7)
+  np.testing.assert_allclose(q[0], background, atol=1e-5)
+  # Outside every box only the background remains.
+  assert np.argmax(np.asarray(logits)[:, 0, 0]) == 0
