@@ -9,15 +9,31 @@ holds that function's pieces; so far the memory-side half:
   refine    the decoder on every object's crops, pasted back and soft-
             aggregated into one logit map (SPEC 7).
 
-Next to come (issue 4): these and the memory update chained into
-`step(carry, frame)`, the scan over a video with a frame mask, and the same
-step inside the stage-2 train step.
+  start     frame 0: split its superpixels at the mask, fit the memory, the
+            carry of the scan.
+  step      one later frame: superfeatures, predict, refine, update.
+  track     `start`, then `lax.scan` of `step` over the remaining frames
+            (padded frames, `frame_valid` False, leave the carry alone).
+
+Still to come (issue 4): the same step inside the stage-2 train step.
+
+Open choices made here (SPEC is silent): the "previous" maps fed to frame 1
+are the memory's own prediction on frame 0 right after `fit`; frame 1's
+previous box is the test-box rule applied to the frame-0 mask; a superpixel
+is written to the memory under its majority coarse label counting unlabelled
+pixels as a label of their own (a superpixel mostly unlabelled is skipped).
 """
 
+import dataclasses
+import functools
+from typing import Any
+
+import flax
 import jax
 import jax.numpy as jnp
 
 from shls_jax import memory
+from shls_jax import segments
 from shls_jax.models import decoder as decoder_lib
 
 
@@ -138,3 +154,246 @@ def refine(
       lambda lg, box: decoder_lib.paste(lg, box, frame_size)
   )(logits, boxes[:, 2])
   return decoder_lib.aggregate(pasted, inside, object_valid), batch_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Static sizes of a tracked video (from the config).
+
+  Attributes:
+    max_objects: K, object slots (memory classes are K + 1).
+    num_segments: N, superpixel slots per frame, room for the frame-0 split
+      included.
+    capacity: S, memory rows per class.
+    crop_size: the decoder's (Hc, Wc).
+    first_box_r: enlargement of the frame-0 reference box (SPEC 6.4).
+  """
+
+  max_objects: int
+  num_segments: int
+  capacity: int
+  crop_size: tuple[int, int]
+  first_box_r: float = 0.5
+
+
+@flax.struct.dataclass
+class Carry:
+  """What one frame passes to the next (fixed shapes)."""
+
+  memory: memory.MemoryState
+  object_valid: jax.Array  # bool [K]
+  mask0: jax.Array  # f32 [K, H, W], the frame-0 masks
+  box0: jax.Array  # int32 [K, 4], frame-0 reference boxes
+  f1_0: jax.Array  # f32 [H, W, 67]
+  f4_0: jax.Array  # f32 [H/4, W/4, 259]
+  f1_prev: jax.Array
+  f4_prev: jax.Array
+  maps_prev: jax.Array  # f32 [K, H, W, 4]
+  prob_prev: jax.Array  # f32 [K, H, W], previous object probabilities
+  mask_prev: jax.Array  # int32 [H, W], previous final mask
+  box_prev: jax.Array  # int32 [K, 4]
+
+
+def _features(sf_model, sf_variables, frame, superpixels, valid):
+  out = sf_model.apply(
+      sf_variables, frame[None], superpixels[None], valid[None], train=False
+  )
+  return out["superfeatures"][0], out["f1"][0], out["f4"][0]
+
+
+def start(
+    sf_model,
+    sf_variables,
+    frame: jax.Array,
+    superpixels: jax.Array,
+    num_superpixels: jax.Array,
+    mask: jax.Array,
+    num_objects: jax.Array,
+    settings: Settings,
+) -> tuple[Carry, jax.Array]:
+  """Frame 0: split, fit the memory, the scan's first carry.
+
+  Args:
+    sf_model: the SuperfeatureNet.
+    sf_variables: its variables.
+    frame: f32 [H, W, 3], normalised.
+    superpixels: int32 [H, W] and num_superpixels int32 scalar.
+    mask: int32 [H, W], the given first-frame mask (ids 0..num_objects).
+    num_objects: int32 scalar (<= settings.max_objects).
+    settings: the static sizes.
+
+  Returns:
+    (the carry, the frame-0 mask as given).
+  """
+  k, n = settings.max_objects, settings.num_segments
+  split, count, _ = segments.split_at_label_borders(
+      superpixels, mask, num_superpixels, n
+  )
+  valid = jnp.arange(n) < count
+  features, f1, f4 = _features(sf_model, sf_variables, frame, split, valid)
+  ids = segments.majority_labels(split, mask, n)
+  state = memory.fit(
+      features,
+      valid,
+      ids,
+      num_objects + 1,
+      first_labels=mask,
+      max_classes=k + 1,
+      capacity=settings.capacity,
+  )
+  objects = jnp.arange(1, k + 1)
+  masks = mask[None] == objects[:, None, None]
+  own = predict(state, features, valid, split, mask)
+  return (
+      Carry(
+          memory=state,
+          object_valid=objects <= num_objects,
+          mask0=masks.astype(jnp.float32),
+          box0=jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(
+              masks
+          ),
+          f1_0=f1,
+          f4_0=f4,
+          f1_prev=f1,
+          f4_prev=f4,
+          maps_prev=own["maps"][:k],
+          prob_prev=masks.astype(jnp.float32),
+          mask_prev=mask.astype(jnp.int32),
+          box_prev=jax.vmap(memory.tracked_box)(masks, state.first_boxes[1:]),
+      ),
+      mask.astype(jnp.int32),
+  )
+
+
+def step(
+    carry: Carry,
+    inputs: dict[str, jax.Array],
+    *,
+    sf_model,
+    sf_variables,
+    decoder,
+    decoder_variables,
+    settings: Settings,
+) -> tuple[Carry, jax.Array]:
+  """One later frame (SPEC 8): predict, refine, update.
+
+  Args:
+    carry: from `start` or the previous `step`.
+    inputs: frame f32 [H, W, 3] (normalised), superpixels int32 [H, W],
+      num_superpixels int32, frame_valid bool (False: padding, the carry
+      passes unchanged).
+    sf_model, sf_variables, decoder, decoder_variables: the networks.
+    settings: the static sizes.
+
+  Returns:
+    (the new carry, the frame's final mask int32 [H, W]).
+  """
+  n = settings.num_segments
+  superpixels = inputs["superpixels"]
+  valid = jnp.arange(n) < inputs["num_superpixels"]
+  features, f1, f4 = _features(
+      sf_model, sf_variables, inputs["frame"], superpixels, valid
+  )
+  pred = predict(carry.memory, features, valid, superpixels, carry.mask_prev)
+  boxes = jnp.stack([carry.box0, carry.box_prev, pred["boxes"]], 1)
+  logits, _ = refine(
+      decoder,
+      decoder_variables,
+      boxes=boxes,
+      mask0=carry.mask0,
+      prev_pred=carry.prob_prev,
+      f1=jnp.stack([carry.f1_0, carry.f1_prev, f1]),
+      f4=jnp.stack([carry.f4_0, carry.f4_prev, f4]),
+      maps=jnp.stack([carry.maps_prev, pred["maps"]]),
+      object_valid=carry.object_valid,
+      crop_size=settings.crop_size,
+  )
+  final = jnp.argmax(logits, 0).astype(jnp.int32)
+  class_boxes = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), pred["boxes"]])
+  confident = memory.confident_superpixels(
+      jnp.moveaxis(logits, 0, -1),
+      final,
+      superpixels,
+      class_boxes,
+      carry.memory.class_valid,
+      n,
+  )
+  # Unlabelled pixels vote as label 255: a mostly unlabelled superpixel is
+  # skipped (its majority is not a class).
+  coarse = jnp.where(pred["coarse"] == memory.UNLABELLED, 255, pred["coarse"])
+  update_labels = segments.majority_labels(superpixels, coarse, n)
+  update_labels = jnp.where(update_labels == 255, -1, update_labels)
+  new = Carry(
+      memory=memory.update(
+          carry.memory, features, confident & valid, update_labels
+      ),
+      object_valid=carry.object_valid,
+      mask0=carry.mask0,
+      box0=carry.box0,
+      f1_0=carry.f1_0,
+      f4_0=carry.f4_0,
+      f1_prev=f1,
+      f4_prev=f4,
+      maps_prev=pred["maps"],
+      prob_prev=jax.nn.sigmoid(logits[1:]),
+      mask_prev=final,
+      box_prev=pred["boxes"],
+  )
+  keep = inputs["frame_valid"]
+  carry = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry)
+  return carry, jnp.where(keep, final, 0)
+
+
+def track(
+    networks: dict[str, Any],
+    frames: jax.Array,
+    superpixels: jax.Array,
+    num_superpixels: jax.Array,
+    first_mask: jax.Array,
+    num_objects: jax.Array,
+    frame_valid: jax.Array,
+    settings: Settings,
+) -> jax.Array:
+  """A whole video: `start` on frame 0, `lax.scan` of `step` over the rest.
+
+  Args:
+    networks: sf_model, sf_variables, decoder, decoder_variables.
+    frames: f32 [T, H, W, 3], normalised, time padded to a bucket.
+    superpixels: int32 [T, H, W]; num_superpixels int32 [T].
+    first_mask: int32 [H, W], the given frame-0 mask.
+    num_objects: int32 scalar.
+    frame_valid: bool [T], False on time padding.
+    settings: the static sizes.
+
+  Returns:
+    int32 [T, H, W], the masks (frame 0 as given, 0 on padding).
+  """
+  carry, mask0 = start(
+      networks["sf_model"],
+      networks["sf_variables"],
+      frames[0],
+      superpixels[0],
+      num_superpixels[0],
+      first_mask,
+      num_objects,
+      settings,
+  )
+  body = functools.partial(
+      step,
+      sf_model=networks["sf_model"],
+      sf_variables=networks["sf_variables"],
+      decoder=networks["decoder"],
+      decoder_variables=networks["decoder_variables"],
+      settings=settings,
+  )
+  _, masks = jax.lax.scan(
+      body,
+      carry,
+      {
+          "frame": frames[1:],
+          "superpixels": superpixels[1:],
+          "num_superpixels": num_superpixels[1:],
+          "frame_valid": frame_valid[1:],
+      },
+  )
+  return jnp.concatenate([mask0[None], masks])

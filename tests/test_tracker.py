@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from shls_jax import memory
 from shls_jax import tracker
 from shls_jax.models import decoder as decoder_lib
+from shls_jax.models import superfeatures as sf_lib
 
 N, D, C = 20, 4, 4  # Superpixel slots, feature size, class slots.
 
@@ -164,3 +166,131 @@ def test_refine_is_the_decoder_per_object_pasted_and_aggregated():
   np.testing.assert_allclose(q[0], background, atol=1e-5)
   # Outside every box only the background remains.
   assert np.argmax(np.asarray(logits)[:, 0, 0]) == 0
+
+
+# ------------------------------------------------------------ whole videos
+
+
+def _video(num_frames, size=32):
+  """A square (object 1) and a bar (object 2) moving over a gradient."""
+  yy, xx = np.mgrid[:size, :size]
+  frames, masks = [], []
+  for t in range(num_frames):
+    mask = np.zeros((size, size), np.int32)
+    mask[4 + t : 14 + t, 6 + 2 * t : 16 + 2 * t] = 1
+    mask[20:26, 2 + t : 28] = 2
+    image = np.stack([xx / size, yy / size, 0.5 * np.ones_like(xx)], -1)
+    image[mask == 1] = (0.9, 0.1, 0.1)
+    image[mask == 2] = (0.1, 0.8, 0.2)
+    frames.append(image.astype(np.float32))
+    masks.append(mask)
+  superpixels = (yy // 4) * (size // 4) + xx // 4
+  return (
+      np.stack(frames),
+      np.broadcast_to(superpixels, (num_frames, size, size)).astype(np.int32),
+      np.stack(masks),
+  )
+
+
+@pytest.fixture(scope="module")
+def networks():
+  sf_model = sf_lib.SuperfeatureNet(
+      sf_channels=8,
+      stem_features=8,
+      stage_features=(8, 8, 16, 16),
+      stage_blocks=(1, 1, 1, 1),
+  )
+  n = 96
+  sf_variables = sf_model.init(
+      jax.random.key(0),
+      jnp.zeros((1, 32, 32, 3)),
+      jnp.zeros((1, 32, 32), jnp.int32),
+      jnp.ones((1, n), bool),
+      train=False,
+  )
+  decoder = decoder_lib.Decoder()
+  crop = (16, 16)
+  k = 3
+  decoder_variables = decoder.init(
+      jax.random.key(1),
+      mask0=jnp.zeros((k,) + crop + (1,)),
+      prev_pred=jnp.zeros((k,) + crop + (1,)),
+      f1=jnp.zeros((k, 3) + crop + (8 + 3,)),
+      maps=jnp.zeros((k, 2) + crop + (4,)),
+      f4=jnp.zeros((k, 3, 4, 4, 16 + 3)),
+      train=False,
+  )
+  return {
+      "sf_model": sf_model,
+      "sf_variables": sf_variables,
+      "decoder": decoder,
+      "decoder_variables": decoder_variables,
+  }
+
+
+SETTINGS = tracker.Settings(
+    max_objects=3, num_segments=96, capacity=256, crop_size=(16, 16)
+)
+
+
+def _track(networks, frames, superpixels, first_mask, frame_valid):
+  fn = jax.jit(
+      lambda f, s, m, v: tracker.track(
+          networks, f, s, jnp.full(f.shape[0], 64), m, 2, v, SETTINGS
+      )
+  )
+  return np.asarray(fn(frames, superpixels, first_mask, frame_valid))
+
+
+def test_track_a_video_and_its_time_padding(networks):
+  frames, superpixels, masks = _video(4)
+  out = _track(networks, frames, superpixels, masks[0], np.ones(4, bool))
+  assert out.shape == (4, 32, 32)
+  np.testing.assert_array_equal(out[0], masks[0])
+  assert set(np.unique(out)) <= {0, 1, 2}  # Slot 3 is padding.
+  # The same video padded to 6 frames: the same masks, zeros on padding.
+  pad = lambda x: np.concatenate([x, np.zeros_like(x[:2])])
+  padded = _track(
+      networks,
+      pad(frames),
+      pad(superpixels),
+      masks[0],
+      np.arange(6) < 4,
+  )
+  np.testing.assert_array_equal(padded[:4], out)
+  assert not padded[4:].any()
+
+
+def test_step_carry_has_fixed_shapes(networks):
+  frames, superpixels, masks = _video(2)
+  carry, _ = tracker.start(
+      networks["sf_model"],
+      networks["sf_variables"],
+      jnp.asarray(frames[0]),
+      jnp.asarray(superpixels[0]),
+      64,
+      jnp.asarray(masks[0]),
+      2,
+      SETTINGS,
+  )
+  # Frame 0 split at the mask borders: each object is whole superpixels
+  # plus border pieces, all in memory.
+  assert int(carry.memory.count.sum()) > 64
+  np.testing.assert_array_equal(carry.object_valid, [True, True, False])
+  new, mask = tracker.step(
+      carry,
+      {
+          "frame": jnp.asarray(frames[1]),
+          "superpixels": jnp.asarray(superpixels[1]),
+          "num_superpixels": 64,
+          "frame_valid": True,
+      },
+      sf_model=networks["sf_model"],
+      sf_variables=networks["sf_variables"],
+      decoder=networks["decoder"],
+      decoder_variables=networks["decoder_variables"],
+      settings=SETTINGS,
+  )
+  assert mask.shape == (32, 32)
+  shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), c)
+  assert shapes(new) == shapes(carry)

@@ -350,12 +350,16 @@ class Refine(nn.Module):
 class MemSelect(nn.Module):
   """The gate: softmax attention over F4 channels from F1 crops and maps."""
 
+  f4_channels: int = F4_CHANNELS
+
   @nn.compact
   def __call__(self, f1: jax.Array, maps: jax.Array) -> jax.Array:
     """[B, Hc, Wc, 67], [B, Hc, Wc, 4] -> weights [B, Hc/4, Wc/4, 259]."""
     g = _conv_bias(f1, 32, 3, 2, name="convL2")
     g = g + _conv_bias(maps, 32, 3, 2, name="convAM")
-    return jax.nn.softmax(_conv_bias(g, F4_CHANNELS, 3, 2, name="gate"), -1)
+    return jax.nn.softmax(
+        _conv_bias(g, self.f4_channels, 3, 2, name="gate"), -1
+    )
 
 
 class Segmenter(nn.Module):
@@ -428,7 +432,8 @@ class Decoder(nn.Module):
           f"Decoder crops must be multiples of 4, got {hc}x{wc}"
           " (config.model.decoder_crop_size)."
       )
-    select = MemSelect(name="mem_select")
+    # F4's channel count is the paper's 259; narrow test models have fewer.
+    select = MemSelect(f4_channels=f4.shape[-1], name="mem_select")
     gated = [select(f1[:, t], maps[:, t - 1]) * f4[:, t] for t in (1, 2)]
     f4_all = jnp.concatenate([f4[:, 0]] + gated, -1)  # 777 channels.
     skip69 = jnp.concatenate([mask0, prev_pred, f1[:, 0]], -1)
