@@ -362,17 +362,29 @@ def test_train_mode_updates_running_statistics(full_model):
   assert not np.allclose(stem_old, stem_new)
 
 
+def test_frame_sizes_that_are_not_multiples_of_four():
+  # DAVIS 480p is 854 wide: the strided convolutions give ceil(n / 4), as
+  # PyTorch's do (854 -> 427 -> 214), and every map follows.
+  model = sf.SuperfeatureNet(**SMALL)
+  rng = np.random.default_rng(0)
+  superpixels = (np.arange(30)[:, None] // 6) * 9 + np.arange(50) // 6
+  out, _ = model.init_with_output(
+      jax.random.key(0),
+      jnp.asarray(rng.random((1, 30, 50, 3)), jnp.float32),
+      jnp.asarray(superpixels[None], jnp.int32),
+      jnp.ones((1, 45), bool),
+      train=False,
+  )
+  assert out["f1"].shape == (1, 30, 50, SMALL["stage_features"][0] + 3)
+  assert out["f4"].shape == (1, 8, 13, SMALL["stage_features"][-1] + 3)
+  np.testing.assert_array_equal(
+      out["superpixels4"][0], np_floor_downsample(superpixels, 8, 13)
+  )
+  assert np.isfinite(np.asarray(out["superfeatures"])).all()
+
+
 def test_shape_errors():
   model = sf.SuperfeatureNet(**SMALL)
-  frames = jnp.zeros((1, 30, 48, 3))
-  with pytest.raises(ValueError, match="multiple of 4"):
-    model.init(
-        jax.random.key(0),
-        frames,
-        jnp.zeros((1, 30, 48), jnp.int32),
-        jnp.ones((1, 4), bool),
-        train=False,
-    )
   with pytest.raises(ValueError, match="frames"):
     model.init(
         jax.random.key(0),

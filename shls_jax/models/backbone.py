@@ -164,7 +164,8 @@ class Backbone(nn.Module):
 
     Returns:
       f2: [batch, height/2, width/2, stage_features[0]], layer1's output.
-      f4: [batch, height/4, width/4, stage_features[-1]], the last stage's.
+      f4: [batch, ceil(height/4), ceil(width/4), stage_features[-1]], the
+        last stage's.
     """
     x = conv(
         self.stem_features, self.stem_kernel, self.stem_strides, name="conv1_0"

@@ -353,8 +353,10 @@ class SuperfeatureNet(nn.Module):
         superfeatures: [batch, N_max, sf_channels], >= 0, zero on rows that
           are not valid or have no pixel.
         f1: [batch, height, width, 64 + 3], F1.
-        f4: [batch, height/4, width/4, 256 + 3], F4.
-        superpixels4: [batch, height/4, width/4], the floor-sampled ids.
+        f4: [batch, ceil(height/4), ceil(width/4), 256 + 3], F4 (any frame
+          size: 480x854 gives 120x214, as the authors').
+        superpixels4: [batch, ceil(height/4), ceil(width/4)], the
+          floor-sampled ids.
         valid4: bool [batch, N_max], valid superpixels with a pixel at
           stride 4.
     """
@@ -369,11 +371,6 @@ class SuperfeatureNet(nn.Module):
       raise ValueError(
           f"valid {valid.shape} must be [batch, N_max] with batch {batch}."
       )
-    if height % 4 or width % 4:
-      raise ValueError(
-          f"Frame size {height}x{width} must be a multiple of 4 (pad the"
-          " frames and superpixel maps)."
-      )
     f2, f4 = backbone_lib.Backbone(
         stem_features=self.stem_features,
         stage_features=self.stage_features,
@@ -384,7 +381,9 @@ class SuperfeatureNet(nn.Module):
         axis_name=self.axis_name,
         name="feat_extractor",
     )(frames, train=train)
-    if f4.shape[1:3] != (height // 4, width // 4):
+    # Two stride-2 convolutions with symmetric padding: ceil(ceil(n/2)/2) =
+    # ceil(n/4), e.g. 854 -> 427 -> 214 at DAVIS 480p, as the authors'.
+    if f4.shape[1:3] != (-(-height // 4), -(-width // 4)):
       raise ValueError(
           f"The backbone's last stage is {f4.shape[1:3]} for a"
           f" {height}x{width} frame; it must be at stride 4."
