@@ -246,7 +246,9 @@ def write_palette_mask(path: str, ids: np.ndarray) -> None:
         f" {ids.shape} for {path}."
     )
   if ids.size and (ids.min() < 0 or ids.max() > 255):
-    raise ValueError(f"ids must be in 0..255 for {path}.")
+    raise ValueError(
+        f"ids must be in 0..255 for {path}, got [{ids.min()}, {ids.max()}]."
+    )
   image = Image.fromarray(ids.astype(np.uint8), mode="P")
   image.putpalette(masks.davis_palette().reshape(-1).tolist())
   folder = os.path.dirname(os.path.abspath(path))

@@ -37,8 +37,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import spatial
+
+from data_prep import video_sources
 
 # The ground truth's "void" id (unlabelled pixels at object borders).
 VOID_ID = 255
@@ -395,8 +396,8 @@ def summarize(
 # ---------------------------------------------------------------- reports
 
 
-def _write_atomically(path: str, write_fn, mode: str = "w") -> None:
-  """Writes through `write_fn(file)` to a temporary file, then renames it."""
+def _write_atomically(path: str, write_fn) -> None:
+  """Writes text through `write_fn(file)` to a temporary file, then renames."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, temp_path = tempfile.mkstemp(
@@ -404,7 +405,7 @@ def _write_atomically(path: str, write_fn, mode: str = "w") -> None:
   )
   try:
     # newline="": the csv module writes its own line ends.
-    with os.fdopen(fd, mode, newline=None if "b" in mode else "") as f:
+    with os.fdopen(fd, "w", newline="") as f:
       write_fn(f)
       f.flush()
       os.fsync(f.fileno())
@@ -499,63 +500,6 @@ def format_table(
 # ---------------------------------------------------------------- PNGs
 
 
-def davis_palette() -> np.ndarray:
-  """The 256-colour palette of DAVIS (and PASCAL VOC) annotations.
-
-  Bit b of channel c of colour i is bit 3 * (7 - b) + c of i, read from the
-  top: 0 black, 1 (128, 0, 0), 2 (0, 128, 0), 3 (128, 128, 0), 4 (0, 0, 128),
-  ..., 255 (224, 224, 192).
-
-  Returns:
-    uint8 [256, 3] RGB colours.
-  """
-  ids = np.arange(256)
-  palette = np.zeros((256, 3), np.int64)
-  for level in range(8):
-    for channel in range(3):
-      bit = (ids >> (3 * level + channel)) & 1
-      palette[:, channel] |= bit << (7 - level)
-  return palette.astype(np.uint8)
-
-
-def write_palette_png(path: str, ids: np.ndarray) -> None:
-  """Writes an id map as an indexed PNG with the DAVIS palette, atomically.
-
-  Args:
-    path: the file to write (its folder is created if missing).
-    ids: int [H, W] ids in [0, 255].
-  """
-  ids = np.asarray(ids)
-  if ids.ndim != 2:
-    raise ValueError(f"{path}: ids must be [H, W], got {ids.shape}.")
-  if ids.size and (ids.min() < 0 or ids.max() > 255):
-    raise ValueError(
-        f"{path}: ids must lie in [0, 255] for a palette PNG, got"
-        f" [{ids.min()}, {ids.max()}]."
-    )
-  image = Image.fromarray(ids.astype(np.uint8), mode="P")
-  image.putpalette(davis_palette().ravel().tolist())
-  _write_atomically(path, lambda f: image.save(f, format="PNG"), mode="wb")
-
-
-def read_palette_png(path: str) -> np.ndarray:
-  """Reads the ids of an indexed (or grey) PNG such as DAVIS annotations.
-
-  Args:
-    path: the PNG file.
-
-  Returns:
-    uint8 [H, W] ids (palette indices, not colours).
-  """
-  with Image.open(path) as image:
-    if image.mode not in ("P", "L"):
-      raise ValueError(
-          f"{path}: expected an indexed (P) or grey (L) PNG of ids, got mode"
-          f" {image.mode}."
-      )
-    return np.array(image, np.uint8)
-
-
 def write_sequence_pngs(
     out_dir: str,
     sequence: str,
@@ -579,9 +523,11 @@ def write_sequence_pngs(
         f"Sequence {sequence!r}: {len(frame_names)} frame names for ids of"
         f" shape {ids.shape} (expected [T, H, W] with T = number of names)."
     )
+  folder = os.path.join(out_dir, sequence)
+  os.makedirs(folder, exist_ok=True)
   paths = []
   for name, frame in zip(frame_names, ids):
-    path = os.path.join(out_dir, sequence, f"{name}.png")
-    write_palette_png(path, frame)
+    path = os.path.join(folder, f"{name}.png")
+    video_sources.write_palette_mask(path, frame)
     paths.append(path)
   return paths

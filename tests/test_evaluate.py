@@ -8,6 +8,8 @@ import pytest
 import scipy.ndimage as ndi
 from skimage.morphology import disk
 
+from data_prep import masks
+from data_prep import video_sources
 from shls_jax import evaluate
 
 # ---------------------------------------------------------------- helpers
@@ -474,7 +476,7 @@ def test_format_table():
 
 
 def test_davis_palette():
-  palette = evaluate.davis_palette()
+  palette = masks.davis_palette()
   assert palette.shape == (256, 3) and palette.dtype == np.uint8
   expected = {
       0: (0, 0, 0),
@@ -513,6 +515,8 @@ def test_palette_png_round_trip(tmp_path):
     # Ids 0..3: black, (128, 0, 0), (0, 128, 0), (128, 128, 0).
     first_colours = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0]
     assert image.getpalette()[:12] == first_colours
-  np.testing.assert_array_equal(evaluate.read_palette_png(paths[1]), ids[::-1])
+  np.testing.assert_array_equal(
+      video_sources.read_palette_mask(paths[1]), ids[::-1]
+  )
   with pytest.raises(ValueError, match=r"got \[1, 256\]"):
-    evaluate.write_palette_png(str(tmp_path / "bad.png"), ids + 1)
+    video_sources.write_palette_mask(str(tmp_path / "bad.png"), ids + 1)
