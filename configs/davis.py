@@ -91,7 +91,11 @@ def get_config():
   config.eval_data.tfds_data_dir = ""  # tfds_davis: "" = <path>/tfds
   config.eval_data.max_objects = 10
   config.eval_data.resize_height = 0  # 0 = keep; own videos: e.g. 480.
-  config.eval_data.time_bucket = 16  # Pad frame counts to a multiple.
+  # Frames per compiled scan chunk (the last chunk of a video is padded).
+  config.eval_data.time_bucket = 16
+  # Input normalisation of evaluation frames (SPEC 3.1: DAVIS statistics).
+  config.eval_data.pixel_mean = (0.4512, 0.4448, 0.4111)
+  config.eval_data.pixel_std = (0.2485, 0.2403, 0.2617)
   config.eval_data.num_workers = 0
   config.eval_superpixels = (
       config.train_superpixels.copy_and_resolve_references()
@@ -122,6 +126,25 @@ def get_config():
   # (height, width), multiples of 4; the authors crop at native box size
   # (at 480p their boxes cover about 23 % of the frame, ~230 x 410).
   config.model.decoder_crop_size = (224, 384)
+  # Decoder widths: refine blocks and stride-4 branch, stride-2 branch, gate.
+  config.model.decoder_features = 256
+  config.model.decoder_skip_features = 128
+  config.model.decoder_gate_features = 32
+
+  # --- Evaluation and own videos (modes evaluate, segment).
+  config.eval = ml_collections.ConfigDict()
+  # The trained model: a workdir or its checkpoints folder; "" = --workdir's
+  # own; "untrained" = a fresh initialisation (a floor).
+  config.eval.checkpoint = ""
+  config.eval.write_masks = True
+  config.eval.overlay_fps = 24.0  # segment mode: the overlay video's rate.
+
+  # --- Memory clustering at evaluation (SPEC 6). Rows per class: SPEC's cap
+  # is 10 x N0 (about 10000 at 480p); the static buffer holds at most this
+  # many, the newest short-term rows being replaced first (README, "Static
+  # shapes"). Training needs (T - 1) x N rows and sizes itself.
+  config.memory = ml_collections.ConfigDict()
+  config.memory.capacity = 4096
 
   # --- Loss (SPEC 4.1).
   config.loss = ml_collections.ConfigDict()
@@ -136,6 +159,14 @@ def get_config():
   # --- Training (SPEC 5).
   config.train = ml_collections.ConfigDict()
   config.train.stage = "superfeatures"  # superfeatures | decoder | joint
+  # A checkpoint to start from (a workdir or its checkpoints/ folder), e.g.
+  # stage 1's for stage 2: its parameters and BatchNorm statistics are
+  # loaded; the step and the optimizer start afresh. Ignored when this run's
+  # own workdir has a checkpoint (then that one is resumed).
+  config.train.init_from = ""
+  # Object slots of the tracker in stages decoder/joint; objects with larger
+  # ids are void in the cross-entropy.
+  config.train.max_objects = 4
   config.train.learning_rate = 1e-4  # Adam, per replica (see next line).
   config.train.scale_lr_by_replicas = True  # lr x device count.
   config.train.num_epochs = 200

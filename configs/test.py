@@ -3,6 +3,8 @@ r"""Tiny settings for the test suite (small images, few superpixels)."""
 import os
 import runpy
 
+import ml_collections
+
 
 def get_config():
   """Returns the test configuration."""
@@ -34,9 +36,24 @@ def get_config():
   config.model.stem_features = 8
   config.model.stage_features = (8, 8, 16, 16)
   config.model.stage_blocks = (1, 1, 1, 1)
+  config.model.decoder_features = 8
+  config.model.decoder_skip_features = 8
+  config.model.decoder_gate_features = 4
+  config.model.decoder_crop_size = (16, 16)
+  config.memory.capacity = 256
   config.loss.split_extra_superpixels = 32
   config.train.num_train_steps = 4
   config.train.log_every_steps = 2
   config.train.eval_every_steps = 0
   config.train.checkpoint_every_steps = 2
+  config.demo = ml_collections.ConfigDict()
+  config.demo.stage2 = "decoder"
+  config.demo.stage2_steps = 2
+  config.demo.stage2_learning_rate = 1e-3
+  config.demo_videos = ml_collections.ConfigDict()
+  config.demo_videos.dataset_name = "shls_test_videos"
+  config.demo_videos.num_frames = 5
+  config.demo_videos.videos_per_image = 1
+  config.eval_data.pixel_mean = config.model.pixel_mean
+  config.eval_data.pixel_std = config.model.pixel_std
   return config

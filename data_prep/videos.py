@@ -76,7 +76,7 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
       "eval_data": {
           k: v
           for k, v in eval_data.to_dict().items()
-          if k not in ("num_workers", "time_bucket")
+          if k not in ("num_workers", "time_bucket", "pixel_mean", "pixel_std")
       },
       "superpixels": config.eval_superpixels.to_dict(),
   }

@@ -4,9 +4,18 @@ Modes (`config.mode`):
   train         train on the prepared still-image sequences in
                 config.data_dir (stage from config.train.stage), resuming
                 from <workdir>/checkpoints when there are any.
-  demo          the embedded default: build the demo dataset (still images
-                bundled with scikit-image -> synthetic sequences) in
-                <workdir>/data, then train on it.
+  evaluate      segment the prepared evaluation videos of config.eval_data
+                (data_prep.videos) with the checkpoint config.eval.checkpoint
+                (default: <workdir>'s), write palette PNGs and the official
+                DAVIS CSVs to <workdir>/eval/<dataset>-<split>/, print J&F.
+  segment       your own video: config.eval_data.path (a video file or a
+                folder of frames) and config.eval_data.mask (the first
+                frame's mask PNG) -> palette masks, overlay.mp4 and
+                preview.gif in <workdir>/segment/<name>/.
+  demo          the embedded default: build the demo data (still images
+                bundled with scikit-image -> synthetic sequences and held-out
+                demo videos) in <workdir>/data, train stage 1 then stage 2,
+                and evaluate on the demo videos against two floors.
   prepare_demo  only build the demo dataset, read one batch back and
                 describe it.
 
@@ -18,11 +27,14 @@ JAX_PROCESS_ID).
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from data_prep.image_io import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
@@ -90,11 +102,6 @@ def main(argv):
   maybe_initialize_distributed(config)
   import jax  # pylint: disable=g-import-not-at-top
 
-  # pylint: disable=g-import-not-at-top
-  from shls_jax import prepare_demo
-  from shls_jax import train
-
-  # pylint: enable=g-import-not-at-top
   logging.info(
       "process %d of %d, %d local devices of %d: %s",
       jax.process_index(),
@@ -103,46 +110,43 @@ def main(argv):
       jax.device_count(),
       jax.devices(),
   )
-  if config.mode in ("train", "demo") and not workdir:
+  if config.mode in ("train", "demo", "evaluate", "segment") and not workdir:
     raise app.UsageError(f"config.mode={config.mode!r} needs --workdir.")
+  try:
+    _run_mode(config, workdir)
+  except (InputError, FileNotFoundError) as e:
+    # Bad input or a missing prepared dataset: the message names the file
+    # and the fix; a traceback would only bury it.
+    logging.error("%s", e)
+    sys.exit(f"Error: {e}")
+
+
+def _run_mode(config, workdir) -> None:
+  # pylint: disable=g-import-not-at-top
+  from shls_jax import prepare_demo
+  from shls_jax import runs
+  from shls_jax import train
+
+  # pylint: enable=g-import-not-at-top
   if config.mode == "prepare_demo":
     print(prepare_demo.run(config, resolve_data_dir(config, workdir)))
   elif config.mode == "demo":
     data_dir = resolve_data_dir(config, workdir)
     print(prepare_demo.run(config, data_dir))
-    print(report(train.train_and_evaluate(config, workdir, data_dir), workdir))
+    print(runs.demo(config, workdir, data_dir))
+  elif config.mode == "evaluate":
+    print(runs.evaluate(config, workdir, resolve_data_dir(config, workdir)))
+  elif config.mode == "segment":
+    print(runs.segment(config, workdir, resolve_data_dir(config, workdir)))
   elif config.mode == "train":
     data_dir = resolve_data_dir(config, workdir)
-    print(report(train.train_and_evaluate(config, workdir, data_dir), workdir))
+    summary = train.train_and_evaluate(config, workdir, data_dir)
+    print(runs.report(summary, workdir))
   else:
     raise app.UsageError(
-        f"config.mode={config.mode!r} is not a mode; valid: train, demo,"
-        " prepare_demo."
+        f"config.mode={config.mode!r} is not a mode; valid: train, evaluate,"
+        " segment, demo, prepare_demo."
     )
-
-
-def report(summary: dict, workdir: str) -> str:
-  """The console summary of a training run."""
-  lines = [
-      (
-          f"Trained to step {summary['step']}; loss {summary['loss']:.4f} (mean"
-          " of the last logging interval)."
-      ),
-      (
-          "Validation, frame-0 label transfer by nearest superfeature, mean"
-          f" IoU over {summary.get('val_objects', 0)} objects:"
-      ),
-      f"  trained network   {summary.get('val_iou', float('nan')):.4f}",
-  ]
-  if "val_iou_untrained" in summary:
-    lines += [
-        f"  untrained network {summary['val_iou_untrained']:.4f}",
-        f"  mean colour       {summary['val_iou_mean_colour']:.4f}",
-    ]
-  lines.append(
-      f"Checkpoints, TensorBoard events and metrics.jsonl in {workdir}."
-  )
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":

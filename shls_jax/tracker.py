@@ -15,7 +15,12 @@ holds that function's pieces; so far the memory-side half:
   track     `start`, then `lax.scan` of `step` over the remaining frames
             (padded frames, `frame_valid` False, leave the carry alone).
 
-Still to come (issue 4): the same step inside the stage-2 train step.
+A step is `observe` (memory prediction, decoder crops), the decoder, and
+`advance` (paste, aggregate, update). Inference runs the three in order per
+frame (`step`); the stage-2 train step (train.py) runs `observe` and
+`advance` vmapped over its sequences and the decoder once on all their
+object crops, so that training-mode BatchNorm sees every object of the
+device's batch.
 
 Open choices made here (SPEC is silent): the "previous" maps fed to frame 1
 are the memory's own prediction on frame 0 right after `fit`; frame 1's
@@ -102,6 +107,19 @@ def predict(
   return {"coarse": coarse, "maps": maps, "boxes": boxes, "labels": labels}
 
 
+def combine(
+    crop_logits: jax.Array,
+    current_boxes: jax.Array,
+    object_valid: jax.Array,
+    frame_size: tuple[int, int],
+) -> jax.Array:
+  """Per-object crop logits [K, Hc, Wc, 2] -> aggregated [K + 1, H, W]."""
+  pasted, inside = jax.vmap(
+      lambda lg, box: decoder_lib.paste(lg, box, frame_size)
+  )(crop_logits, current_boxes)
+  return decoder_lib.aggregate(pasted, inside, object_valid)
+
+
 def refine(
     model: decoder_lib.Decoder,
     variables,
@@ -130,30 +148,41 @@ def refine(
       frame per object.
     object_valid: bool [K], objects that exist.
     crop_size: (Hc, Wc), multiples of 4.
-    train: BatchNorm mode (training returns the updated batch_stats).
+    train: BatchNorm mode (training returns the updated batch_stats; only
+      valid objects count in the statistics).
 
   Returns:
     (logits [K + 1, H, W] as `decoder.aggregate`, the updated batch_stats or
     None when not training).
   """
-  crops = jax.vmap(
+  crops = decoder_crops(boxes, mask0, prev_pred, f1, f4, maps, crop_size)
+  if train:
+    logits, mutated = model.apply(
+        variables,
+        **crops,
+        train=True,
+        mask=object_valid,
+        mutable=["batch_stats"],
+    )
+    batch_stats = mutated["batch_stats"]
+  else:
+    logits, batch_stats = model.apply(variables, **crops, train=False), None
+  return (
+      combine(logits, boxes[:, 2], object_valid, mask0.shape[1:]),
+      batch_stats,
+  )
+
+
+def decoder_crops(
+    boxes, mask0, prev_pred, f1, f4, maps, crop_size
+) -> dict[str, jax.Array]:
+  """Every object's decoder inputs (`refine`'s arguments), batch axis K."""
+  return jax.vmap(
       lambda b, m0, pp, mp: decoder_lib.crop_inputs(
           b, m0, pp, f1, mp, f4, crop_size
       ),
       in_axes=(0, 0, 0, 1),
   )(boxes, mask0, prev_pred, maps)
-  if train:
-    logits, mutated = model.apply(
-        variables, **crops, train=True, mutable=["batch_stats"]
-    )
-    batch_stats = mutated["batch_stats"]
-  else:
-    logits, batch_stats = model.apply(variables, **crops, train=False), None
-  frame_size = mask0.shape[1:]
-  pasted, inside = jax.vmap(
-      lambda lg, box: decoder_lib.paste(lg, box, frame_size)
-  )(logits, boxes[:, 2])
-  return decoder_lib.aggregate(pasted, inside, object_valid), batch_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +223,8 @@ class Carry:
   box_prev: jax.Array  # int32 [K, 4]
 
 
-def _features(sf_model, sf_variables, frame, superpixels, valid):
+def frame_features(sf_model, sf_variables, frame, superpixels, valid):
+  """Superfeatures [N, D], F1 [H, W, 67] and F4 of one normalised frame."""
   out = sf_model.apply(
       sf_variables, frame[None], superpixels[None], valid[None], train=False
   )
@@ -225,44 +255,197 @@ def start(
   Returns:
     (the carry, the frame-0 mask as given).
   """
-  k, n = settings.max_objects, settings.num_segments
+  n = settings.num_segments
   split, count, _ = segments.split_at_label_borders(
       superpixels, mask, num_superpixels, n
   )
   valid = jnp.arange(n) < count
-  features, f1, f4 = _features(sf_model, sf_variables, frame, split, valid)
-  ids = segments.majority_labels(split, mask, n)
+  features, f1, f4 = frame_features(sf_model, sf_variables, frame, split, valid)
+  carry = start_from_features(
+      features=features,
+      f1=f1,
+      f4=f4,
+      valid=valid,
+      superpixels=split,
+      ids=segments.majority_labels(split, mask, n),
+      mask=mask,
+      num_objects=num_objects,
+      settings=settings,
+  )
+  return carry, mask.astype(jnp.int32)
+
+
+def start_from_features(
+    *,
+    features: jax.Array,
+    f1: jax.Array,
+    f4: jax.Array,
+    valid: jax.Array,
+    superpixels: jax.Array,
+    ids: jax.Array,
+    mask: jax.Array,
+    num_objects: jax.Array,
+    settings: Settings,
+) -> Carry:
+  """The first carry from frame 0's features (superpixels already split).
+
+  Training calls this with the features of its batched network pass; they
+  are constants here (SPEC 5: frame 0's features carry no gradient).
+
+  Args:
+    features: f32 [N, D] superfeatures of the split frame 0.
+    f1, f4: its feature maps.
+    valid: bool [N]; superpixels: int32 [H, W], the split map; ids: int32
+      [N], each superpixel's label.
+    mask: int32 [H, W], the frame-0 label map (ids above num_objects are
+      ignored).
+    num_objects: int32 scalar (<= settings.max_objects).
+    settings: the static sizes.
+  """
+  k = settings.max_objects
+  features, f1, f4 = jax.lax.stop_gradient((features, f1, f4))
+  objects = jnp.arange(1, k + 1)
+  object_valid = objects <= num_objects
+  masks = (mask[None] == objects[:, None, None]) & object_valid[:, None, None]
+  # Ids of objects beyond num_objects are void for the memory.
+  mask = jnp.where((mask > num_objects) | (mask < 0), -1, mask)
   state = memory.fit(
       features,
       valid,
-      ids,
+      jnp.where(ids > num_objects, -1, ids),
       num_objects + 1,
       first_labels=mask,
       max_classes=k + 1,
       capacity=settings.capacity,
   )
-  objects = jnp.arange(1, k + 1)
-  masks = mask[None] == objects[:, None, None]
-  own = predict(state, features, valid, split, mask)
-  return (
-      Carry(
-          memory=state,
-          object_valid=objects <= num_objects,
-          mask0=masks.astype(jnp.float32),
-          box0=jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(
-              masks
-          ),
-          f1_0=f1,
-          f4_0=f4,
-          f1_prev=f1,
-          f4_prev=f4,
-          maps_prev=own["maps"][:k],
-          prob_prev=masks.astype(jnp.float32),
-          mask_prev=mask.astype(jnp.int32),
-          box_prev=jax.vmap(memory.tracked_box)(masks, state.first_boxes[1:]),
+  own = predict(state, features, valid, superpixels, mask)
+  return Carry(
+      memory=state,
+      object_valid=object_valid,
+      mask0=masks.astype(jnp.float32),
+      box0=jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(
+          masks
       ),
-      mask.astype(jnp.int32),
+      f1_0=f1,
+      f4_0=f4,
+      f1_prev=f1,
+      f4_prev=f4,
+      maps_prev=own["maps"][:k],
+      prob_prev=masks.astype(jnp.float32),
+      mask_prev=jnp.maximum(mask, 0).astype(jnp.int32),
+      box_prev=jax.vmap(memory.tracked_box)(masks, state.first_boxes[1:]),
   )
+
+
+def observe(
+    carry: Carry,
+    *,
+    features: jax.Array,
+    f1: jax.Array,
+    f4: jax.Array,
+    valid: jax.Array,
+    superpixels: jax.Array,
+    settings: Settings,
+    boxes: jax.Array | None = None,
+):
+  """The first half of a step: the memory's prediction and decoder crops.
+
+  Args:
+    carry: from `start` or the previous step.
+    features, f1, f4: the current frame's features.
+    valid: bool [N]; superpixels: int32 [H, W].
+    settings: the static sizes.
+    boxes: int32 [K, 3, 4], the first, previous and current box of every
+      object; None: the test boxes (carry's first and previous boxes, the
+      memory's current box, SPEC 6.4). Training passes ground-truth boxes.
+
+  Returns:
+    (pred from `predict` with the boxes used under "boxes", the decoder
+    crops [K, ...]).
+  """
+  pred = predict(
+      carry.memory,
+      jax.lax.stop_gradient(features),
+      valid,
+      superpixels,
+      carry.mask_prev,
+  )
+  if boxes is None:
+    boxes = jnp.stack([carry.box0, carry.box_prev, pred["boxes"]], 1)
+  pred["boxes"] = boxes
+  crops = decoder_crops(
+      boxes,
+      carry.mask0,
+      carry.prob_prev,
+      jnp.stack([carry.f1_0, carry.f1_prev, f1]),
+      jnp.stack([carry.f4_0, carry.f4_prev, f4]),
+      jnp.stack([carry.maps_prev, pred["maps"]]),
+      settings.crop_size,
+  )
+  return pred, crops
+
+
+def advance(
+    carry: Carry,
+    *,
+    pred: dict[str, jax.Array],
+    crop_logits: jax.Array,
+    features: jax.Array,
+    f1: jax.Array,
+    f4: jax.Array,
+    valid: jax.Array,
+    superpixels: jax.Array,
+) -> tuple[Carry, jax.Array]:
+  """The second half of a step: paste, aggregate, update the memory.
+
+  Args:
+    carry: as given to `observe`.
+    pred: `observe`'s prediction.
+    crop_logits: f32 [K, Hc, Wc, 2], the decoder's output on its crops.
+    features, f1, f4, valid, superpixels: the current frame, as given to
+      `observe`.
+
+  Returns:
+    (the next carry, the aggregated logits [K + 1, H, W]). The carry holds
+    no gradient of the memory, the maps or the prediction (SPEC 5); it keeps
+    F1 and F4, which the next frame's decoder reads as its previous frame.
+  """
+  n = valid.shape[0]
+  boxes = pred["boxes"]
+  logits = combine(
+      crop_logits, boxes[:, 2], carry.object_valid, superpixels.shape
+  )
+  fixed = jax.lax.stop_gradient(logits)
+  final = jnp.argmax(fixed, 0).astype(jnp.int32)
+  class_boxes = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), boxes[:, 2]])
+  confident = memory.confident_superpixels(
+      jnp.moveaxis(fixed, 0, -1),
+      final,
+      superpixels,
+      class_boxes,
+      carry.memory.class_valid,
+      n,
+  )
+  # Unlabelled pixels vote as label 255: a mostly unlabelled superpixel is
+  # skipped (its majority is not a class).
+  coarse = jnp.where(pred["coarse"] == memory.UNLABELLED, 255, pred["coarse"])
+  update_labels = segments.majority_labels(superpixels, coarse, n)
+  update_labels = jnp.where(update_labels == 255, -1, update_labels)
+  new = carry.replace(
+      memory=memory.update(
+          carry.memory,
+          jax.lax.stop_gradient(features),
+          confident & valid,
+          update_labels,
+      ),
+      f1_prev=f1,
+      f4_prev=f4,
+      maps_prev=pred["maps"],
+      prob_prev=jax.nn.sigmoid(fixed[1:]),
+      mask_prev=final,
+      box_prev=boxes[:, 2],
+  )
+  return new, logits
 
 
 def step(
@@ -291,54 +474,16 @@ def step(
   n = settings.num_segments
   superpixels = inputs["superpixels"]
   valid = jnp.arange(n) < inputs["num_superpixels"]
-  features, f1, f4 = _features(
+  features, f1, f4 = frame_features(
       sf_model, sf_variables, inputs["frame"], superpixels, valid
   )
-  pred = predict(carry.memory, features, valid, superpixels, carry.mask_prev)
-  boxes = jnp.stack([carry.box0, carry.box_prev, pred["boxes"]], 1)
-  logits, _ = refine(
-      decoder,
-      decoder_variables,
-      boxes=boxes,
-      mask0=carry.mask0,
-      prev_pred=carry.prob_prev,
-      f1=jnp.stack([carry.f1_0, carry.f1_prev, f1]),
-      f4=jnp.stack([carry.f4_0, carry.f4_prev, f4]),
-      maps=jnp.stack([carry.maps_prev, pred["maps"]]),
-      object_valid=carry.object_valid,
-      crop_size=settings.crop_size,
+  frame = dict(
+      features=features, f1=f1, f4=f4, valid=valid, superpixels=superpixels
   )
+  pred, crops = observe(carry, **frame, settings=settings)
+  crop_logits = decoder.apply(decoder_variables, **crops, train=False)
+  new, logits = advance(carry, pred=pred, crop_logits=crop_logits, **frame)
   final = jnp.argmax(logits, 0).astype(jnp.int32)
-  class_boxes = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), pred["boxes"]])
-  confident = memory.confident_superpixels(
-      jnp.moveaxis(logits, 0, -1),
-      final,
-      superpixels,
-      class_boxes,
-      carry.memory.class_valid,
-      n,
-  )
-  # Unlabelled pixels vote as label 255: a mostly unlabelled superpixel is
-  # skipped (its majority is not a class).
-  coarse = jnp.where(pred["coarse"] == memory.UNLABELLED, 255, pred["coarse"])
-  update_labels = segments.majority_labels(superpixels, coarse, n)
-  update_labels = jnp.where(update_labels == 255, -1, update_labels)
-  new = Carry(
-      memory=memory.update(
-          carry.memory, features, confident & valid, update_labels
-      ),
-      object_valid=carry.object_valid,
-      mask0=carry.mask0,
-      box0=carry.box0,
-      f1_0=carry.f1_0,
-      f4_0=carry.f4_0,
-      f1_prev=f1,
-      f4_prev=f4,
-      maps_prev=pred["maps"],
-      prob_prev=jax.nn.sigmoid(logits[1:]),
-      mask_prev=final,
-      box_prev=pred["boxes"],
-  )
   keep = inputs["frame_valid"]
   carry = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry)
   return carry, jnp.where(keep, final, 0)

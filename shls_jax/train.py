@@ -10,7 +10,9 @@ CPU, on a GPU and on a TPU pod (one process per host, `jax.distributed`).
 Stages (SPEC 5) choose which parameters the optimizer moves: top-level
 parameter groups are 'superfeatures' (backbone and heads) and 'decoder'
 (everything else); a frozen group gets zero updates from `optax.set_to_zero`
-and keeps no Adam moments.
+and keeps no Adam moments. The state always holds both networks. Stages
+'decoder' and 'joint' add the tracker's cross-entropy (`tracker_loss`): the
+per-frame step of tracker.py over frames 1..T-1 of every sequence.
 """
 
 import functools
@@ -33,9 +35,12 @@ import tqdm
 from shls_jax import checkpoint
 from shls_jax import input_pipeline
 from shls_jax import losses
+from shls_jax import memory as memory_lib
 from shls_jax import segments
+from shls_jax import tracker
 from shls_jax import validation
 from shls_jax.models import backbone as backbone_lib
+from shls_jax.models import decoder as decoder_lib
 from shls_jax.models import superfeatures as superfeatures_lib
 
 P = jax.sharding.PartitionSpec
@@ -51,6 +56,8 @@ STAGES = {
 }
 # Fields of a training batch the step reads.
 BATCH_KEYS = ("frames", "labels", "superpixels", "num_superpixels")
+# Training boxes: ground-truth boxes enlarged by 50 % (SPEC 5).
+TRAIN_BOX_R = 0.5
 EVAL_BATCH_KEYS = BATCH_KEYS + ("sequence_valid",)
 
 
@@ -69,13 +76,52 @@ class TrainState:
 
 
 def make_model(config: ml_collections.ConfigDict):
-  """The superfeature network of `config.model` (SPEC 3)."""
+  """The superfeature network of `config.model` (SPEC 3).
+
+  The training state holds its parameters and the decoder's (`make_decoder`)
+  side by side under their top-level names (the authors' module names), so a
+  checkpoint of any stage restores into any other stage's state.
+  """
   return superfeatures_lib.SuperfeatureNet(
       sf_channels=config.model.sf_channels,
       stem_features=config.model.stem_features,
       stage_features=tuple(config.model.stage_features),
       stage_blocks=tuple(config.model.stage_blocks),
       sf_stat_update=config.model.sf_stat_update,
+  )
+
+
+def make_decoder(config: ml_collections.ConfigDict):
+  """The refinement decoder of `config.model` (SPEC 7)."""
+  return decoder_lib.Decoder(
+      features=config.model.decoder_features,
+      skip_features=config.model.decoder_skip_features,
+      gate_features=config.model.decoder_gate_features,
+  )
+
+
+def split_variables(tree) -> tuple[Any, Any]:
+  """A params / batch_stats tree -> (superfeature part, decoder part)."""
+  tree = dict(flax.core.unfreeze(tree))
+  parts = ({}, {})
+  for name, value in tree.items():
+    parts[param_group((name,)) == "decoder"][name] = value
+  return parts
+
+
+def tracker_settings(config, seq_len: int) -> tracker.Settings:
+  """The tracker's static sizes inside the train step.
+
+  The memory holds frame 0 and the updates after frames 1..T-2, at most
+  N rows each, so (T - 1) N rows per class never overflow: training sees
+  the exact capacity rule of SPEC 6.1.
+  """
+  n = num_segments(config)
+  return tracker.Settings(
+      max_objects=config.train.max_objects,
+      num_segments=n,
+      capacity=max(seq_len - 1, 1) * n,
+      crop_size=tuple(config.model.decoder_crop_size),
   )
 
 
@@ -129,7 +175,11 @@ def make_optimizer(
 
 
 def check_stage(config: ml_collections.ConfigDict, params) -> None:
-  """Refuses a stage whose trained groups have no parameters."""
+  """Refuses a stage whose trained groups have no parameters.
+
+  A state from `init_state` always has both groups; this guards hand-made
+  states and checkpoints of other models.
+  """
   groups = {
       param_group(path)
       for path in flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -138,9 +188,9 @@ def check_stage(config: ml_collections.ConfigDict, params) -> None:
   if missing:
     raise ValueError(
         f"config.train.stage={config.train.stage!r} trains the"
-        f" {sorted(missing)} parameters, which this model does not have:"
-        " the refinement decoder and its cross-entropy loss come with the"
-        " video system (SPEC 7). Train stage 'superfeatures' for now."
+        f" {sorted(missing)} parameters, which this model does not have."
+        " Build the state with train.init_state (it holds the superfeature"
+        " network and the decoder)."
     )
 
 
@@ -183,20 +233,38 @@ def init_state(
 ) -> TrainState:
   """Fresh parameters from `config.seed` (not jitted; see `create_state`)."""
   n = num_segments(config)
-  # No parameter depends on the frame size: initialise on a small one.
+  # No parameter depends on the frame or crop size: initialise on small ones.
   size = 32
-  variables = model.init(
-      jax.random.key(config.seed),
+  # The superfeature network draws from the seed's key itself (as before
+  # the decoder joined the state), the decoder from a key folded from it.
+  sf_key = jax.random.key(config.seed)
+  decoder_key = jax.random.fold_in(sf_key, 1)
+  inputs = (
       jnp.zeros((1, size, size, 3)),
       jnp.zeros((1, size, size), jnp.int32),
       jnp.ones((1, n), bool),
+  )
+  variables = model.init(sf_key, *inputs, train=False)
+  out = model.apply(variables, *inputs, train=False)
+  f1, f4 = out["f1"].shape[-1], out["f4"].shape[-1]
+  crop = 16
+  decoder_variables = make_decoder(config).init(
+      decoder_key,
+      mask0=jnp.zeros((1, crop, crop, 1)),
+      prev_pred=jnp.zeros((1, crop, crop, 1)),
+      f1=jnp.zeros((1, 3, crop, crop, f1)),
+      maps=jnp.zeros((1, 2, crop, crop, 4)),
+      f4=jnp.zeros((1, 3, crop // 4, crop // 4, f4)),
       train=False,
   )
-  params = variables["params"]
+  params = {**variables["params"], **decoder_variables["params"]}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      batch_stats=variables["batch_stats"],
+      batch_stats={
+          **variables["batch_stats"],
+          **decoder_variables["batch_stats"],
+      },
       opt_state=tx.init(params),
   )
 
@@ -246,8 +314,14 @@ def prepare_superpixels(batch, config) -> dict[str, jax.Array]:
   }
 
 
-def _apply(model, variables, frames, prepared, config, train):
-  """The network on [b, T] frames -> superfeatures [b, T, N, D] (+ stats)."""
+def _apply(model, variables, frames, prepared, config, train, maps=False):
+  """The network on [b, T] frames -> superfeatures [b, T, N, D] (+ stats).
+
+  `variables` may hold the decoder's too (they are left out). With maps,
+  the first output is a dict of superfeatures [b, T, N, D], f1 and f4
+  [b, T, h, w, c].
+  """
+  variables = {k: split_variables(v)[0] for k, v in variables.items()}
   b, t, h, w, _ = frames.shape
   x = backbone_lib.normalize(
       frames.reshape(b * t, h, w, 3),
@@ -262,14 +336,117 @@ def _apply(model, variables, frames, prepared, config, train):
       train=train,
       mutable=["batch_stats"] if train else [],
   )
-  features = out["superfeatures"].reshape(b, t, *out["superfeatures"].shape[1:])
-  return features, mutated
+  out = {k: v.reshape(b, t, *v.shape[1:]) for k, v in out.items()}
+  if maps:
+    return out, mutated
+  return out["superfeatures"], mutated
+
+
+def training_boxes(labels: jax.Array, max_objects: int) -> jax.Array:
+  """Ground-truth boxes enlarged by 50 % (SPEC 5): [..., H, W] -> [..., K, 4]."""
+  objects = jnp.arange(1, max_objects + 1)
+  flat = labels.reshape(-1, *labels.shape[-2:])
+  boxes = jax.vmap(
+      lambda l: jax.vmap(lambda c: memory_lib.object_box(l == c, TRAIN_BOX_R))(
+          objects
+      )
+  )(flat)
+  return boxes.reshape(*labels.shape[:-2], max_objects, 4)
+
+
+def tracker_loss(
+    decoder_variables, out, prepared, labels, *, decoder, config
+) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """Cross-entropy of the tracked frames 1..T-1 (SPEC 4.2, 5, 8).
+
+  The tracker's step runs on every sequence of this device (`observe` and
+  `advance` vmapped over them) with the decoder applied once per frame to
+  all their object crops, so training-mode BatchNorm sees the device's whole
+  batch of objects (padding object slots are masked out of the statistics).
+  Frame 0 starts the memory (its features are constants); boxes are the
+  ground truth's (r = 0.5); frame 1's previous prediction is the one-hot
+  frame-0 mask. Objects beyond config.train.max_objects, and objects absent
+  from frame 0, are void in the loss.
+
+  Args:
+    decoder_variables: the decoder's params and batch_stats.
+    out: the network's superfeatures [b, T, N, D], f1, f4 [b, T, h, w, c].
+    prepared: `prepare_superpixels` of the batch.
+    labels: int32 [b, T, H, W].
+    decoder: the Decoder.
+    config: the config.
+
+  Returns:
+    (mean cross-entropy over frames 1..T-1, global over devices; the
+    decoder's new batch_stats; metrics).
+  """
+  b, t = labels.shape[:2]
+  k = config.train.max_objects
+  settings = tracker_settings(config, t)
+  num_objects = jnp.minimum(labels[:, 0].max((1, 2)), k)
+  carry = jax.vmap(
+      functools.partial(tracker.start_from_features, settings=settings)
+  )(
+      features=out["superfeatures"][:, 0],
+      f1=out["f1"][:, 0],
+      f4=out["f4"][:, 0],
+      valid=prepared["valid"][:, 0],
+      superpixels=prepared["superpixels"][:, 0],
+      ids=prepared["ids"][:, 0],
+      mask=labels[:, 0],
+      num_objects=num_objects,
+  )
+  boxes = training_boxes(labels, k)  # [b, T, K, 4]
+  params = decoder_variables["params"]
+  batch_stats = decoder_variables["batch_stats"]
+  ce_frames, pixels = [], []
+  for i in range(1, t):
+    frame = {
+        "features": out["superfeatures"][:, i],
+        "f1": out["f1"][:, i],
+        "f4": out["f4"][:, i],
+        "valid": prepared["valid"][:, i],
+        "superpixels": prepared["superpixels"][:, i],
+    }
+    frame_boxes = jnp.stack([boxes[:, 0], boxes[:, i - 1], boxes[:, i]], 2)
+    pred, crops = jax.vmap(
+        functools.partial(tracker.observe, settings=settings)
+    )(carry, **frame, boxes=frame_boxes)
+    crop_logits, mutated = decoder.apply(
+        {"params": params, "batch_stats": batch_stats},
+        **jax.tree.map(lambda x: x.reshape(b * k, *x.shape[2:]), crops),
+        train=True,
+        mask=carry.object_valid.reshape(-1),
+        mutable=["batch_stats"],
+    )
+    batch_stats = mutated["batch_stats"]
+    carry, logits = jax.vmap(tracker.advance)(
+        carry,
+        pred=pred,
+        crop_logits=crop_logits.reshape(b, k, *crop_logits.shape[1:]),
+        **frame,
+    )
+    target = jnp.where(
+        labels[:, i] > num_objects[:, None, None], -1, labels[:, i]
+    )
+    ce, count = losses.aggregated_cross_entropy(logits, target, axis_name=AXIS)
+    ce_frames.append(ce)
+    pixels.append(count)
+  metrics = {
+      "cross_entropy_pixels": sum(pixels),
+      "objects": jax.lax.psum(num_objects.sum(), AXIS),
+  }
+  return sum(ce_frames) / len(ce_frames), batch_stats, metrics
 
 
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], *, model, tx, config
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step of stage 1 on this device's slice of the batch.
+  """One optimisation step on this device's slice of the batch.
+
+  Stage 'superfeatures' minimises NT-Xent; stages 'decoder' and 'joint'
+  minimise NT-Xent + the tracker's cross-entropy (SPEC 4.2), the optimizer
+  moving only the stage's parameter groups.
 
   Args:
     state: replicated TrainState.
@@ -281,21 +458,27 @@ def train_step(
 
   Returns:
     The new state (identical on every device) and metrics averaged over
-    devices: loss, positive_pairs, split_overflow.
+    devices: loss, positive_pairs, split_overflow; with the decoder also
+    nt_xent and cross_entropy.
   """
   prepared = prepare_superpixels(batch, config)
+  with_decoder = "decoder" in STAGES[config.train.stage]
 
   def loss_fn(params):
-    features, mutated = _apply(
+    out, mutated = _apply(
         model,
         {"params": params, "batch_stats": state.batch_stats},
         batch["frames"],
         prepared,
         config,
         train=True,
+        maps=True,
     )
+    if "superfeatures" not in STAGES[config.train.stage]:
+      # Frozen network: its zero updates need no backward pass through it.
+      out = jax.lax.stop_gradient(out)
     loss, aux = losses.nt_xent(
-        features,
+        out["superfeatures"],
         prepared["ids"],
         prepared["valid"],
         temperature=config.loss.temperature,
@@ -303,7 +486,24 @@ def train_step(
         cross_batch_negatives=config.loss.cross_batch_negatives,
         axis_name=AXIS,
     )
-    return loss, (aux, mutated["batch_stats"])
+    batch_stats = dict(mutated["batch_stats"])
+    if with_decoder:
+      decoder_params = split_variables(params)[1]
+      decoder_stats = split_variables(state.batch_stats)[1]
+      ce, decoder_stats, tracked = tracker_loss(
+          {"params": decoder_params, "batch_stats": decoder_stats},
+          out,
+          prepared,
+          batch["labels"],
+          decoder=make_decoder(config),
+          config=config,
+      )
+      aux = {**aux, **tracked, "nt_xent": loss, "cross_entropy": ce}
+      loss = loss + ce
+      batch_stats.update(decoder_stats)
+    else:
+      batch_stats.update(split_variables(state.batch_stats)[1])
+    return loss, (aux, batch_stats)
 
   # The loss is already the global one (sums and counts psum'ed over AXIS).
   # With shard_map's varying-axes checking on, the gradient of a value
@@ -328,6 +528,11 @@ def train_step(
       "positive_pairs": aux["num_positive_pairs"],
       "split_overflow": jax.lax.psum(prepared["split_overflow"].sum(), AXIS),
   }
+  if with_decoder:
+    metrics.update({
+        k: aux[k]
+        for k in ("nt_xent", "cross_entropy", "cross_entropy_pixels", "objects")
+    })
   return state, metrics
 
 
@@ -607,6 +812,65 @@ def _last_logged(workdir: str, tags) -> dict[str, float]:
   return values
 
 
+def checkpoint_dir(path: str) -> str:
+  """A workdir or its checkpoints/ folder -> the checkpoints folder."""
+  path = path.rstrip("/")
+  if os.path.basename(path) != "checkpoints" and tf.io.gfile.isdir(
+      os.path.join(path, "checkpoints")
+  ):
+    return os.path.join(path, "checkpoints")
+  return path
+
+
+def load_weights(config, state: TrainState, path: str, mesh) -> TrainState:
+  """`state` with the parameters and BatchNorm statistics of another run.
+
+  The newest checkpoint under `path` (a workdir or its checkpoints folder),
+  written by any stage: its optimizer state is read along (each stage's
+  layout is tried) and dropped. Step and optimizer state stay `state`'s.
+  """
+  directory = checkpoint_dir(path)
+  if not tf.io.gfile.isdir(directory):
+    raise FileNotFoundError(
+        f"config.train.init_from={path!r}: no such folder. Give the workdir"
+        " of an earlier run (or its checkpoints folder)."
+    )
+  model = make_model(config)
+  errors = []
+  with checkpoint.Checkpointer(directory) as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f"config.train.init_from={path!r}: {directory} holds no complete"
+          " checkpoint."
+      )
+    for stage in STAGES:
+      other = ml_collections.ConfigDict(config.to_dict())
+      other.train.stage = stage
+      tx = make_optimizer(other, jax.device_count())
+      template = create_state(other, model, tx, mesh)
+      try:
+        restored, step = ckpt.restore_latest(template)
+      except checkpoint.StructureMismatchError as e:
+        errors.append(f"as stage {stage!r}: {e}")
+        continue
+      if step is not None:
+        logging.info(
+            "Starting from the weights of %s, step %d (a stage-%r run).",
+            directory,
+            step,
+            stage,
+        )
+        return state.replace(
+            params=restored.params, batch_stats=restored.batch_stats
+        )
+  raise ValueError(
+      f"config.train.init_from={path!r}: the checkpoint in {directory} does"
+      " not fit this config's model (check config.model against that run's"
+      " config.json).\n"
+      + "\n".join(errors)
+  )
+
+
 def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
   for step, metrics in step_metrics:
     if not np.isfinite(metrics["loss"]):
@@ -620,7 +884,7 @@ def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, data_dir: str
 ) -> dict:
-  """Trains stage 1 and returns the final metrics; resumes from `workdir`.
+  """Trains the config's stage and returns the final metrics; resumes.
 
   Args:
     config: the config (`configs/davis.py` documents the fields).
@@ -650,12 +914,15 @@ def train_and_evaluate(
 
   # Resume order: the newest complete checkpoint in <workdir>/checkpoints
   # (falling back to older ones if it is damaged, see checkpoint.py), else
-  # the fresh initialisation from config.seed.
+  # the weights of config.train.init_from, else the fresh initialisation
+  # from config.seed.
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.train.max_checkpoints,
   )
   state, restored_step = ckpt.restore_latest(state)
+  if restored_step is None and config.train.init_from:
+    state = load_weights(config, state, config.train.init_from, mesh)
   check_fusion_alive(config, state.params)
   start_step = int(state.step)
   if restored_step is not None:

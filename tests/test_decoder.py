@@ -316,3 +316,44 @@ def test_crop_size_must_divide_by_four():
   }
   with pytest.raises(ValueError, match="multiples of 4"):
     dec.Decoder().init(jax.random.key(0), **inputs, train=False)
+
+
+def test_masked_rows_never_reach_the_batch_statistics():
+  model = dec.Decoder(features=8, skip_features=8, gate_features=4)
+  rng = np.random.default_rng(0)
+  crop = (16, 16)
+
+  def inputs(b):
+    return dict(
+        mask0=jnp.asarray(rng.random((b,) + crop + (1,)), jnp.float32),
+        prev_pred=jnp.asarray(rng.random((b,) + crop + (1,)), jnp.float32),
+        f1=jnp.asarray(rng.normal(size=(b, 3) + crop + (11,)), jnp.float32),
+        maps=jnp.asarray(rng.normal(size=(b, 2) + crop + (4,)), jnp.float32),
+        f4=jnp.asarray(rng.normal(size=(b, 3, 4, 4, 19)), jnp.float32),
+    )
+
+  real = inputs(3)
+  garbage = jax.tree.map(lambda x: 100.0 * x, inputs(2))
+  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), real, garbage)
+  variables = model.init(jax.random.key(0), **real, train=False)
+  out, stats = model.apply(
+      variables, **real, train=True, mutable=["batch_stats"]
+  )
+  out_masked, stats_masked = model.apply(
+      variables,
+      **both,
+      train=True,
+      mask=jnp.arange(5) < 3,
+      mutable=["batch_stats"],
+  )
+  np.testing.assert_allclose(out_masked[:3], out, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_masked)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Without the mask the garbage rows do change them.
+  _, stats_all = model.apply(
+      variables, **both, train=True, mutable=["batch_stats"]
+  )
+  assert any(
+      not np.allclose(a, b, rtol=1e-3)
+      for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_all))
+  )

@@ -478,3 +478,101 @@ def test_metrics_and_config_go_to_remote_filesystems(tmp_path):
   assert sorted(
       n for n in tf.io.gfile.listdir(workdir) if n.startswith("config")
   ) == ["config.1.json", "config.json"]
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def _group_changed(before, after):
+  changed = set()
+  for path, value in flax.traverse_util.flatten_dict(before).items():
+    new = flax.traverse_util.flatten_dict(after)[path]
+    if not np.array_equal(value, new):
+      changed.add(train.param_group(path))
+  return changed
+
+
+@pytest.mark.parametrize(
+    "stage, moved",
+    [("decoder", {"decoder"}), ("joint", {"decoder", "superfeatures"})],
+)
+def test_stage_two_steps_train_the_tracker(test_config, stage, moved):
+  test_config.train.stage = stage
+  mesh = train.make_mesh()
+  model = train.make_model(test_config)
+  tx = train.make_optimizer(test_config, 1)
+  state = train.create_state(test_config, model, tx, mesh)
+  before = jax.tree.map(np.asarray, state.params)
+  step = train.make_train_step(model, tx, test_config, mesh)
+  raw = _batch(np.random.default_rng(0), 8, size=32)
+  sharding = jax.sharding.NamedSharding(mesh, train.P(train.AXIS))
+  batch = {k: jax.device_put(v, sharding) for k, v in raw.items()}
+  state, metrics = step(state, batch)
+  metrics = jax.tree.map(float, metrics)
+  # Both losses are there and finite; the pixels of frames 1..2 count
+  # unless their object is absent from frame 0 (void).
+  assert np.isfinite(metrics["cross_entropy"]) and metrics["cross_entropy"] > 0
+  assert metrics["loss"] == pytest.approx(
+      metrics["nt_xent"] + metrics["cross_entropy"], rel=1e-5
+  )
+  labels = raw["labels"]
+  known = labels[:, 1:] <= labels[:, :1].max(axis=(2, 3), keepdims=True)
+  assert 0 < known.sum() < known.size  # The batch has both cases.
+  assert metrics["cross_entropy_pixels"] == known.sum()
+  after = jax.tree.map(np.asarray, state.params)
+  assert _group_changed(before, after) == moved
+  # The decoder's BatchNorm statistics moved (training mode, pmean'ed).
+  _, stats = train.split_variables(jax.tree.map(np.asarray, state.batch_stats))
+  assert not np.allclose(stats["segmenter"]["res_L4"]["conv1_1"]["mean"], 0.0)
+  step(state, batch)  # A second step runs with the updated state.
+
+
+def test_tracker_loss_gradients_follow_the_rules_of_spec_5(test_config):
+  # Gradient rules (SPEC 5): the memory and the maps carry none, frame 0's
+  # features are constants, predictions fed forward carry none; the
+  # cross-entropy reaches the current and previous frames' feature maps.
+  config = test_config
+  b, t, size = 2, 3, 32
+  n = train.num_segments(config)
+  model = train.make_model(config)
+  state = train.init_state(config, model, train.make_optimizer(config, 1))
+  raw = _batch(np.random.default_rng(1), b, size=size)
+  prepared = train.prepare_superpixels(jax.tree.map(jnp.asarray, raw), config)
+  out, _ = train._apply(
+      model,
+      {"params": state.params, "batch_stats": state.batch_stats},
+      jnp.asarray(raw["frames"]),
+      prepared,
+      config,
+      train=False,
+      maps=True,
+  )
+  assert out["superfeatures"].shape[:3] == (b, t, n)
+  out = {k: out[k] for k in ("superfeatures", "f1", "f4")}
+  _, decoder_params = train.split_variables(state.params)
+  _, decoder_stats = train.split_variables(state.batch_stats)
+
+  def loss(out, params):
+    ce, _, _ = train.tracker_loss(
+        {"params": params, "batch_stats": decoder_stats},
+        out,
+        prepared,
+        jnp.asarray(raw["labels"]),
+        decoder=train.make_decoder(config),
+        config=config,
+    )
+    return ce
+
+  grads = jax.vmap(
+      jax.grad(loss, argnums=(0, 1)),
+      in_axes=None,
+      axis_size=1,
+      axis_name=train.AXIS,
+  )(out, decoder_params)
+  g_out, g_params = jax.tree.map(lambda x: np.asarray(x[0]), grads)
+  norm = lambda x: float(np.abs(x).sum())
+  assert norm(g_out["superfeatures"]) == 0.0  # Memory, maps: no gradient.
+  assert norm(g_out["f1"][:, 0]) == 0.0 and norm(g_out["f4"][:, 0]) == 0.0
+  for i in (1, 2):
+    assert norm(g_out["f1"][:, i]) > 0 and norm(g_out["f4"][:, i]) > 0
+  assert all(norm(g) > 0 for g in jax.tree.leaves(g_params["segmenter"]))

@@ -97,17 +97,25 @@ class BasicBlock(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """[batch, height, width, c] -> [batch, height/s, width/s, features]."""
+  def __call__(
+      self, x: jax.Array, *, train: bool, mask: jax.Array | None = None
+  ) -> jax.Array:
+    """[batch, height, width, c] -> [batch, height/s, width/s, features].
+
+    `mask` (bool [batch]) limits the training-mode BatchNorm statistics to
+    the rows it marks (padding rows are normalised but never counted).
+    """
+    bn_mask = None if mask is None else mask[:, None, None, None]
 
     def bn(name):
-      return nn.BatchNorm(
+      module = nn.BatchNorm(
           use_running_average=not train,
           momentum=self.bn_momentum,
           epsilon=self.bn_epsilon,
           axis_name=self.axis_name,
           name=name,
       )
+      return lambda y: module(y, mask=bn_mask)
 
     y = conv(self.features, 3, self.strides, name="left_0")(x)
     y = nn.relu(bn("left_1")(y))

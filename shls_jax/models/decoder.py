@@ -297,7 +297,9 @@ class ResidualBlock(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, *, train: bool, mask: jax.Array | None = None
+  ) -> jax.Array:
     r = nn.relu(x)
     for i in (1, 2):
       r = _conv_bias(r, self.features, 3, name=f"conv{i}_0")
@@ -307,7 +309,7 @@ class ResidualBlock(nn.Module):
           epsilon=self.bn_epsilon,
           axis_name=self.axis_name,
           name=f"conv{i}_1",
-      )(r)
+      )(r, mask=None if mask is None else mask[:, None, None, None])
       r = nn.relu(r)
     return x + r
 
@@ -329,7 +331,7 @@ class Refine(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, skip, coarse, *, train: bool):
+  def __call__(self, skip, coarse, *, train: bool, mask=None):
     kw = dict(
         features=self.features,
         bn_momentum=self.bn_momentum,
@@ -337,26 +339,27 @@ class Refine(nn.Module):
         axis_name=self.axis_name,
     )
     s = _conv_bias(skip, self.features, 3, name="convFS")
-    s = ResidualBlock(**kw, name="ResFS")(s, train=train)
+    s = ResidualBlock(**kw, name="ResFS")(s, train=train, mask=mask)
     up = _upsample2(coarse)
     if up.shape[1:3] != s.shape[1:3]:
       raise ValueError(
           f"Refine: the skip input is {s.shape[1:3]} but the coarser output"
           f" upsamples to {up.shape[1:3]}; crop sizes must be multiples of 4."
       )
-    return ResidualBlock(**kw, name="ResMM")(s + up, train=train)
+    return ResidualBlock(**kw, name="ResMM")(s + up, train=train, mask=mask)
 
 
 class MemSelect(nn.Module):
   """The gate: softmax attention over F4 channels from F1 crops and maps."""
 
   f4_channels: int = F4_CHANNELS
+  features: int = 32
 
   @nn.compact
   def __call__(self, f1: jax.Array, maps: jax.Array) -> jax.Array:
     """[B, Hc, Wc, 67], [B, Hc, Wc, 4] -> weights [B, Hc/4, Wc/4, 259]."""
-    g = _conv_bias(f1, 32, 3, 2, name="convL2")
-    g = g + _conv_bias(maps, 32, 3, 2, name="convAM")
+    g = _conv_bias(f1, self.features, 3, 2, name="convL2")
+    g = g + _conv_bias(maps, self.features, 3, 2, name="convAM")
     return jax.nn.softmax(
         _conv_bias(g, self.f4_channels, 3, 2, name="gate"), -1
     )
@@ -365,26 +368,32 @@ class MemSelect(nn.Module):
 class Segmenter(nn.Module):
   """Stride-2 and stride-4 branches, two refine steps, 2 output logits."""
 
+  features: int = 256
+  skip_features: int = 128
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, skip69, maps_now, f4_all, *, train: bool):
+  def __call__(self, skip69, maps_now, f4_all, *, train: bool, mask=None):
     bn = dict(
         bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon,
         axis_name=self.axis_name,
     )
-    s2 = backbone_lib.BasicBlock(128, 2, **bn, name="layer2_0")(
-        skip69, train=train
+    run = dict(train=train, mask=mask)
+    width, skip_width = self.features, self.skip_features
+    s2 = backbone_lib.BasicBlock(skip_width, 2, **bn, name="layer2_0")(
+        skip69, **run
     )
-    s2 = backbone_lib.BasicBlock(128, 1, **bn, name="layer2_1")(s2, train=train)
-    m4 = _conv_bias(f4_all, 256, 3, name="convFM")
-    m4 = ResidualBlock(256, **bn, name="res_L4")(m4, train=train)
-    m2 = Refine(256, **bn, name="RF2")(s2, m4, train=train)
+    s2 = backbone_lib.BasicBlock(skip_width, 1, **bn, name="layer2_1")(
+        s2, **run
+    )
+    m4 = _conv_bias(f4_all, width, 3, name="convFM")
+    m4 = ResidualBlock(width, **bn, name="res_L4")(m4, **run)
+    m2 = Refine(width, **bn, name="RF2")(s2, m4, **run)
     skip73 = jnp.concatenate([skip69, maps_now], -1)
-    m1 = Refine(256, **bn, name="RF1")(skip73, m2, train=train)
+    m1 = Refine(width, **bn, name="RF1")(skip73, m2, **run)
     # SPEC 7.3: the output conv reads the refined map directly.
     return _conv_bias(m1, 2, 3, name="pred")
 
@@ -394,8 +403,17 @@ class Decoder(nn.Module):
 
   Inputs are already cropped (`crop_inputs`); the batch axis is objects
   (of one or several frames).
+
+  Attributes:
+    features: width of the stride-4 branch and the refine blocks (256 in
+      the paper; narrower for demos and tests).
+    skip_features: width of the stride-2 branch (128).
+    gate_features: width of the gate's hidden layer (32).
   """
 
+  features: int = 256
+  skip_features: int = 128
+  gate_features: int = 32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
@@ -410,6 +428,7 @@ class Decoder(nn.Module):
       f4: jax.Array,
       *,
       train: bool,
+      mask: jax.Array | None = None,
   ) -> jax.Array:
     """Background / object logits of each object's crop.
 
@@ -422,6 +441,9 @@ class Decoder(nn.Module):
         current frame.
       f4: [B, 3, Hc/4, Wc/4, 259], F4 RoIAligned likewise.
       train: BatchNorm in training mode (needs mutable 'batch_stats').
+      mask: bool [B], the rows that are real objects: training-mode
+        BatchNorm statistics count only these (padding object slots are
+        still computed, never counted).
 
     Returns:
       [B, Hc, Wc, 2] logits.
@@ -433,16 +455,22 @@ class Decoder(nn.Module):
           " (config.model.decoder_crop_size)."
       )
     # F4's channel count is the paper's 259; narrow test models have fewer.
-    select = MemSelect(f4_channels=f4.shape[-1], name="mem_select")
+    select = MemSelect(
+        f4_channels=f4.shape[-1],
+        features=self.gate_features,
+        name="mem_select",
+    )
     gated = [select(f1[:, t], maps[:, t - 1]) * f4[:, t] for t in (1, 2)]
     f4_all = jnp.concatenate([f4[:, 0]] + gated, -1)  # 777 channels.
     skip69 = jnp.concatenate([mask0, prev_pred, f1[:, 0]], -1)
     return Segmenter(
+        features=self.features,
+        skip_features=self.skip_features,
         bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon,
         axis_name=self.axis_name,
         name="segmenter",
-    )(skip69, maps[:, 1], f4_all, train=train)
+    )(skip69, maps[:, 1], f4_all, train=train, mask=mask)
 
 
 def crop_inputs(

@@ -1,0 +1,387 @@
+"""Segmenting videos with a trained model: evaluation and own videos (SPEC 8, 9).
+
+    networks = inference.load_networks(config, workdir)
+    segmenter = inference.VideoSegmenter(config, networks)
+    masks = segmenter(video)  # one element of input_pipeline.video_dataset
+
+A video is tracked in chunks of `config.eval_data.time_bucket` frames: the
+first frame starts the memory (`tracker.start`), then each chunk is one
+`lax.scan` of `tracker.step`, the carry passing from chunk to chunk. Only two
+programs are compiled per frame size and object count (start and one
+chunk), whatever the video's length, and a progress bar moves chunk by
+chunk. The last chunk is padded with frames that leave the carry alone.
+
+`evaluate_dataset` runs every video of a prepared evaluation dataset
+(data_prep.videos), writes palette PNGs named like the ground truth and, where
+the records hold ground truth, the official DAVIS-2017 scores
+(shls_jax.evaluate): the two CSVs and a printed table.
+
+Videos where an object is first given after frame 0 (YouTube-VOS) are refused
+for now with a clear message: the memory has no rule yet to admit a class in
+the middle of a video.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import skimage.transform
+import tqdm
+
+from shls_jax import evaluate as evaluate_lib
+from shls_jax import input_pipeline
+from shls_jax import tracker
+from shls_jax import train
+from shls_jax.models import backbone as backbone_lib
+
+
+@dataclasses.dataclass
+class Networks:
+  """The two trained networks and their variables."""
+
+  sf_model: Any
+  sf_variables: Any
+  decoder: Any
+  decoder_variables: Any
+  source: str  # What they were loaded from ("untrained" for fresh ones).
+
+
+def networks_from_state(config, params, batch_stats, source: str) -> Networks:
+  sf_params, decoder_params = train.split_variables(params)
+  sf_stats, decoder_stats = train.split_variables(batch_stats)
+  return Networks(
+      sf_model=train.make_model(config),
+      sf_variables={"params": sf_params, "batch_stats": sf_stats},
+      decoder=train.make_decoder(config),
+      decoder_variables={
+          "params": decoder_params,
+          "batch_stats": decoder_stats,
+      },
+      source=source,
+  )
+
+
+def load_networks(config: ml_collections.ConfigDict, path: str) -> Networks:
+  """The networks of the newest checkpoint under `path` (a workdir or its
+  checkpoints folder), written by any training stage; "" or "untrained":
+  the fresh initialisation from config.seed."""
+  mesh = train.make_mesh(jax.local_devices()[:1])
+  model = train.make_model(config)
+  tx = train.make_optimizer(config, 1)
+  state = train.create_state(config, model, tx, mesh)
+  if path and path != "untrained":
+    state = train.load_weights(config, state, path, mesh)
+    source = train.checkpoint_dir(path)
+  else:
+    source = "untrained"
+  state = jax.device_get(state)
+  return networks_from_state(config, state.params, state.batch_stats, source)
+
+
+def settings_for(config, num_objects: int) -> tracker.Settings:
+  return tracker.Settings(
+      max_objects=max(int(num_objects), 1),
+      num_segments=(
+          config.eval_superpixels.max_superpixels
+          + config.loss.split_extra_superpixels
+      ),
+      capacity=config.memory.capacity,
+      crop_size=tuple(config.model.decoder_crop_size),
+  )
+
+
+def _normalize(frames, mean, std):
+  return backbone_lib.normalize(frames, mean, std)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sf_model", "settings", "mean", "std")
+)
+def _start(
+    sf_variables,
+    frame,
+    superpixels,
+    num_superpixels,
+    mask,
+    num_objects,
+    *,
+    sf_model,
+    settings,
+    mean,
+    std,
+):
+  return tracker.start(
+      sf_model,
+      sf_variables,
+      _normalize(frame, mean, std),
+      superpixels,
+      num_superpixels,
+      mask,
+      num_objects,
+      settings,
+  )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sf_model", "decoder", "settings", "mean", "std"),
+    donate_argnums=2,
+)
+def _chunk(
+    sf_variables,
+    decoder_variables,
+    carry,
+    inputs,
+    *,
+    sf_model,
+    decoder,
+    settings,
+    mean,
+    std,
+):
+  body = functools.partial(
+      tracker.step,
+      sf_model=sf_model,
+      sf_variables=sf_variables,
+      decoder=decoder,
+      decoder_variables=decoder_variables,
+      settings=settings,
+  )
+  inputs = dict(inputs, frame=_normalize(inputs["frame"], mean, std))
+  return jax.lax.scan(body, carry, inputs)
+
+
+class VideoSegmenter:
+  """Tracks whole videos.
+
+  The variables are arguments of the compiled programs, so networks of the
+  same architecture (trained, untrained, another checkpoint) share them:
+  one start and one chunk program per frame size and object count.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, networks: Networks):
+    self.config = config
+    self.networks = networks
+    self.chunk = max(int(config.eval_data.time_bucket), 1)
+    self._static = dict(
+        mean=tuple(config.eval_data.pixel_mean),
+        std=tuple(config.eval_data.pixel_std),
+    )
+
+  def __call__(self, video: dict[str, np.ndarray], progress=None) -> np.ndarray:
+    """The masks of one video.
+
+    Args:
+      video: one element of `input_pipeline.video_dataset` as NumPy.
+      progress: a tqdm bar to advance by frames, or None.
+
+    Returns:
+      uint8 [T, H, W] masks of the video's T real frames (frame 0 is the
+      given mask).
+    """
+    name = _text(video["video_name"])
+    num_frames = int(video["num_frames"])
+    num_objects = int(video["num_objects"])
+    first = np.asarray(video["object_first_frame"])
+    if (first > 0).any():
+      late = [int(k) + 1 for k in np.flatnonzero(first > 0)]
+      raise NotImplementedError(
+          f"Video {name}: objects {late} are first given after frame 0"
+          f" (frames {first[first > 0].tolist()}); only videos whose objects"
+          " all appear in the first frame can be tracked so far (DAVIS"
+          " layouts). YouTube-VOS-style late objects are not supported yet."
+      )
+    limit = self.config.eval_data.max_objects
+    if num_objects > limit:
+      raise ValueError(
+          f"Video {name} has {num_objects} objects but"
+          f" config.eval_data.max_objects={limit}; raise it."
+      )
+    nets = self.networks
+    settings = settings_for(self.config, num_objects)
+    carry, mask0 = _start(
+        nets.sf_variables,
+        video["frames"][0],
+        video["superpixels"][0],
+        video["num_superpixels"][0],
+        video["labels"][0],
+        np.int32(num_objects),
+        sf_model=nets.sf_model,
+        settings=settings,
+        **self._static,
+    )
+    mask0 = np.asarray(mask0)
+    masks = [np.where(mask0 > num_objects, 0, mask0)[None]]
+    if progress is not None:
+      progress.update(1)
+    t = 1
+    while t < num_frames:
+      idx = np.arange(t, t + self.chunk)
+      inside = idx < len(video["frames"])
+      idx = np.minimum(idx, len(video["frames"]) - 1)
+      inputs = {
+          "frame": video["frames"][idx],
+          "superpixels": video["superpixels"][idx],
+          "num_superpixels": video["num_superpixels"][idx],
+          "frame_valid": video["frame_valid"][idx] & inside,
+      }
+      carry, out = _chunk(
+          nets.sf_variables,
+          nets.decoder_variables,
+          carry,
+          inputs,
+          sf_model=nets.sf_model,
+          decoder=nets.decoder,
+          settings=settings,
+          **self._static,
+      )
+      real = min(self.chunk, num_frames - t)
+      masks.append(np.asarray(out)[:real])
+      if progress is not None:
+        progress.update(real)
+      t += self.chunk
+    return np.concatenate(masks).astype(np.uint8)
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def to_original_size(masks: np.ndarray, size) -> np.ndarray:
+  """Masks [T, h, w] -> [T, H, W] (nearest), the source's own resolution."""
+  size = tuple(int(s) for s in size)
+  if masks.shape[1:] == size:
+    return masks
+  return np.stack([
+      skimage.transform.resize(
+          m, size, order=0, preserve_range=True, anti_aliasing=False
+      ).astype(masks.dtype)
+      for m in masks
+  ])
+
+
+def evaluate_dataset(
+    config: ml_collections.ConfigDict,
+    networks: Networks,
+    dataset_dir: str,
+    out_dir: str,
+    *,
+    split: str | None = None,
+    write_masks: bool = True,
+    on_video=None,
+) -> dict[str, Any]:
+  """Segments every video of a prepared dataset; scores those with labels.
+
+  Args:
+    config: the config (eval_data, eval_superpixels, memory, model).
+    networks: from `load_networks`.
+    dataset_dir: a dataset of data_prep.videos (or the demo videos).
+    out_dir: results: <out_dir>/masks/<video>/<frame>.png, the CSVs.
+    split: defaults to config.eval_data.split.
+    write_masks: write the palette PNGs.
+    on_video: called as on_video(video, masks) after each video.
+
+  Returns:
+    global_scores and rows (`evaluate.summarize`; absent when no video has
+    ground truth beyond frame 0), videos (names), frames (count), seconds
+    per frame (after each program's first run), masks {video: uint8
+    [T, H, W]} at the records' resolution.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+
+  split = split or config.eval_data.split
+  segmenter = VideoSegmenter(config, networks)
+  ds = input_pipeline.video_dataset(
+      dataset_dir,
+      split,
+      max_superpixels=config.eval_superpixels.max_superpixels,
+      time_bucket=config.eval_data.time_bucket,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  results, names, all_masks = [], [], {}
+  total_frames, timed_frames, timed_seconds = 0, 0, 0.0
+  seen_objects = set()
+  bar = tqdm.tqdm(desc="segment", unit="frame", dynamic_ncols=True)
+  for video in ds.as_numpy_iterator():
+    name = _text(video["video_name"])
+    num_frames = int(video["num_frames"])
+    bar.set_postfix(video=name)
+    first_run = int(video["num_objects"]) not in seen_objects
+    seen_objects.add(int(video["num_objects"]))
+    t0 = time.perf_counter()
+    masks = segmenter(video, progress=bar)
+    if not first_run:
+      timed_seconds += time.perf_counter() - t0
+      timed_frames += num_frames
+    total_frames += num_frames
+    names.append(name)
+    all_masks[name] = masks
+    frame_names = [_text(f) for f in video["frame_names"][:num_frames]]
+    if write_masks:
+      evaluate_lib.write_sequence_pngs(
+          os.path.join(out_dir, "masks"),
+          name,
+          frame_names,
+          to_original_size(masks, video["original_size"]),
+      )
+    if on_video is not None:
+      on_video(video, masks)
+    has_label = video["has_label"][:num_frames]
+    if has_label.all() and num_frames >= 3:
+      results.append(
+          evaluate_lib.evaluate_sequence(
+              name, masks, video["labels"][:num_frames]
+          )
+      )
+  bar.close()
+  if not names:
+    raise ValueError(f"{dataset_dir} has no video in split {split!r}.")
+  summary = {
+      "videos": names,
+      "frames": total_frames,
+      "seconds_per_frame": (
+          timed_seconds / timed_frames if timed_frames else float("nan")
+      ),
+      "masks": all_masks,
+  }
+  if results:
+    global_scores, rows = evaluate_lib.summarize(results)
+    evaluate_lib.write_csvs(out_dir, split, global_scores, rows)
+    summary.update(global_scores=global_scores, rows=rows, results=results)
+  logging.info(
+      "Segmented %d videos (%d frames) into %s.",
+      len(names),
+      total_frames,
+      out_dir,
+  )
+  return summary
+
+
+def copy_first_mask_scores(dataset_dir: str, config, split=None):
+  """The floor that copies the first-frame mask to every frame."""
+  split = split or config.eval_data.split
+  ds = input_pipeline.video_dataset(
+      dataset_dir,
+      split,
+      max_superpixels=config.eval_superpixels.max_superpixels,
+      time_bucket=1,
+  )
+  results = []
+  for video in ds.as_numpy_iterator():
+    n = int(video["num_frames"])
+    labels = video["labels"][:n]
+    if n >= 3 and video["has_label"][:n].all():
+      first = np.where(labels[0] == evaluate_lib.VOID_ID, 0, labels[0])
+      results.append(
+          evaluate_lib.evaluate_sequence(
+              _text(video["video_name"]), np.repeat(first[None], n, 0), labels
+          )
+      )
+  return evaluate_lib.summarize(results)[0] if results else None

@@ -1,0 +1,224 @@
+"""The jobs behind `python -m shls_jax.main` modes: demo, evaluate, segment."""
+
+import os
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from data_prep import demo as demo_data
+from data_prep import videos as videos_data
+from shls_jax import evaluate as evaluate_lib
+from shls_jax import inference
+from shls_jax import train
+from shls_jax import visualize
+
+
+def report(summary: dict, workdir: str) -> str:
+  """The console summary of a training run."""
+  lines = [
+      (
+          f"Trained to step {summary['step']}; loss {summary['loss']:.4f} (mean"
+          " of the last logging interval)."
+      ),
+      (
+          "Validation, frame-0 label transfer by nearest superfeature, mean"
+          f" IoU over {summary.get('val_objects', 0)} objects:"
+      ),
+      f"  trained network   {summary.get('val_iou', float('nan')):.4f}",
+  ]
+  if "val_iou_untrained" in summary:
+    lines += [
+        f"  untrained network {summary['val_iou_untrained']:.4f}",
+        f"  mean colour       {summary['val_iou_mean_colour']:.4f}",
+    ]
+  lines.append(
+      f"Checkpoints, TensorBoard events and metrics.jsonl in {workdir}."
+  )
+  return "\n".join(lines)
+
+
+def _checkpoint_path(config, workdir: str) -> str:
+  path = config.eval.checkpoint or workdir
+  if path == "untrained":
+    return path
+  directory = train.checkpoint_dir(path)
+  if not tf.io.gfile.isdir(directory):
+    raise FileNotFoundError(
+        f"No checkpoints at {directory}. Set --config.eval.checkpoint to the"
+        " workdir of a training run (or 'untrained' for the floor)."
+    )
+  return path
+
+
+def _eval_dataset_dir(config, data_dir: str) -> str:
+  name = videos_data.dataset_name(config.eval_data)
+  path = os.path.join(data_dir, name, "1.0.0")
+  if not tf.io.gfile.isdir(path):
+    raise FileNotFoundError(
+        f"No prepared evaluation videos at {path}. Prepare them with"
+        " `python -m data_prep.videos --config=...` (config.eval_data names"
+        " the source; config.data_dir the root)."
+    )
+  return path
+
+
+def score_table(rows: list[tuple[str, dict | None]]) -> str:
+  """A J&F table of several runs: (name, global_scores or None) rows."""
+  columns = ("J&F-Mean", "J-Mean", "J-Recall", "F-Mean", "F-Recall")
+  width = max(len(name) for name, _ in rows) + 2
+  lines = [" " * width + "".join(f"{c:>10}" for c in columns)]
+  for name, scores in rows:
+    values = "".join(
+        f"{scores[c]:>10.3f}" if scores else f"{'-':>10}" for c in columns
+    )
+    lines.append(f"{name:<{width}}{values}")
+  return "\n".join(lines)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+  """Mode evaluate: segment the prepared videos, write masks and CSVs."""
+  dataset_dir = _eval_dataset_dir(config, data_dir)
+  networks = inference.load_networks(config, _checkpoint_path(config, workdir))
+  name = videos_data.dataset_name(config.eval_data)
+  out_dir = os.path.join(workdir, "eval", f"{name}-{config.eval_data.split}")
+  summary = inference.evaluate_dataset(
+      config,
+      networks,
+      dataset_dir,
+      out_dir,
+      write_masks=config.eval.write_masks,
+  )
+  lines = [
+      f"Model: {networks.source}",
+      (
+          f"Segmented {len(summary['videos'])} videos, {summary['frames']}"
+          f" frames ({summary['seconds_per_frame']:.3f} s per frame after"
+          " compilation)."
+      ),
+  ]
+  if "global_scores" in summary:
+    lines.append(
+        evaluate_lib.format_table(
+            summary["global_scores"], summary["rows"], config.eval_data.split
+        )
+    )
+  else:
+    lines.append("No ground truth beyond the first frame: nothing to score.")
+  lines.append(f"Masks and CSVs in {out_dir}.")
+  return "\n".join(lines)
+
+
+def segment(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+  """Mode segment: your own video and first-frame mask -> masks, overlays."""
+  if config.eval_data.source != "video":
+    raise ValueError(
+        "config.mode='segment' segments one video of your own: set"
+        " --config.eval_data.source=video, --config.eval_data.path (a video"
+        " file or a folder of frames) and --config.eval_data.mask (the first"
+        " frame's mask PNG). For datasets use config.mode='evaluate'."
+    )
+  checkpoint = _checkpoint_path(config, workdir)
+  dataset_dir = videos_data.prepare(config, data_dir)
+  networks = inference.load_networks(config, checkpoint)
+  name = videos_data.dataset_name(config.eval_data)
+  out_dir = os.path.join(workdir, "segment", name)
+  written = []
+
+  def on_video(video, masks):
+    n = len(masks)
+    overlays = visualize.overlay_video(video["frames"][:n], masks)
+    video_path = os.path.join(out_dir, "overlay.mp4")
+    gif_path = os.path.join(out_dir, "preview.gif")
+    visualize.write_video(video_path, overlays, fps=config.eval.overlay_fps)
+    visualize.write_gif(gif_path, overlays)
+    written.extend([video_path, gif_path])
+
+  os.makedirs(out_dir, exist_ok=True)
+  summary = inference.evaluate_dataset(
+      config, networks, dataset_dir, out_dir, on_video=on_video
+  )
+  masks = next(iter(summary["masks"].values()))
+  areas = [(masks == k).mean(axis=(1, 2)) for k in range(1, masks.max() + 1)]
+  lines = [
+      f"Model: {networks.source}",
+      (
+          f"Segmented {summary['frames']} frames"
+          f" ({summary['seconds_per_frame']:.3f} s per frame after"
+          " compilation)."
+      ),
+  ]
+  for k, area in enumerate(areas, 1):
+    lines.append(
+        f"  object {k}: on {np.mean(area > 0) * 100:.0f} % of the frames,"
+        f" mean area {np.mean(area) * 100:.1f} % of the frame"
+    )
+  lines.append(f"Masks in {os.path.join(out_dir, 'masks')}")
+  lines += [f"  {path}" for path in written]
+  return "\n".join(lines)
+
+
+def demo(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+  """Mode demo: stage 1, stage 2, then J&F on the demo videos vs floors."""
+  videos_dir = demo_data.prepare_videos(config, data_dir)
+  stage1_dir = os.path.join(workdir, "stage1")
+  stage2_dir = os.path.join(workdir, "stage2")
+  first = ml_collections.ConfigDict(config.to_dict())
+  first.train.stage = "superfeatures"
+  summary1 = train.train_and_evaluate(first, stage1_dir, data_dir)
+  second = ml_collections.ConfigDict(config.to_dict())
+  second.train.stage = config.demo.stage2
+  second.train.init_from = stage1_dir
+  second.train.num_train_steps = config.demo.stage2_steps
+  second.train.learning_rate = config.demo.stage2_learning_rate
+  second.train.eval_every_steps = 0
+  summary2 = train.train_and_evaluate(second, stage2_dir, data_dir)
+
+  out_dir = os.path.join(workdir, "eval")
+  trained = inference.networks_from_state(
+      config,
+      jax.device_get(summary2["state"].params),
+      jax.device_get(summary2["state"].batch_stats),
+      stage2_dir,
+  )
+  scores = inference.evaluate_dataset(
+      config, trained, videos_dir, os.path.join(out_dir, "trained"), split="val"
+  )
+  untrained = inference.load_networks(config, "untrained")
+  floor = inference.evaluate_dataset(
+      config,
+      untrained,
+      videos_dir,
+      os.path.join(out_dir, "untrained"),
+      split="val",
+      write_masks=False,
+  )
+  copy = inference.copy_first_mask_scores(videos_dir, config, split="val")
+  results = scores.get("results", [])
+  objects = sum(len(r["object_ids"]) for r in results)
+  lines = [
+      "Stage 1 (superfeatures, NT-Xent):",
+      "  " + report(summary1, stage1_dir).replace("\n", "\n  "),
+      (
+          f"Stage 2 ({config.demo.stage2}, + cross-entropy): step"
+          f" {summary2['step']}, loss {summary2['loss']:.4f}."
+      ),
+      (
+          f"Demo videos (held-out images, {len(scores['videos'])} videos,"
+          f" {objects} objects), official DAVIS-2017 protocol:"
+      ),
+      score_table([
+          ("trained (both stages)", scores.get("global_scores")),
+          ("untrained network", floor.get("global_scores")),
+          ("copy the first mask", copy),
+      ]),
+      (
+          f"Tracking: {scores['seconds_per_frame']:.3f} s per frame after"
+          " compilation."
+      ),
+      f"Masks and CSVs in {out_dir}.",
+  ]
+  logging.info("Demo finished.")
+  return "\n".join(lines)
