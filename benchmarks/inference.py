@@ -54,7 +54,6 @@ runs), since other work on the machine inflates the timings.
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime
 import functools
 import math
 import multiprocessing
@@ -833,15 +832,9 @@ def report(a, b, command, quick):
       "Random weights: the mask agreement with the synthetic objects is"
       " reported only as a sanity check that the step ran, not as accuracy."
   )
-  lines = [
-      f"## Inference (tracker step) ({datetime.date.today().isoformat()})",
-      "",
-      f"Command: `{command}`; machine: {machine}.",
-      "",
-      "| what | result |",
-      "|---|---|",
-  ]
-  lines += [f"| {k} | {v} |" for k, v in rows]
+  lines = results.table_section(
+      "Inference (tracker step)", command, machine, rows
+  )
   lines += ["", "| target | measured | |", "|---|---|---|"]
   lines += [f"| {k} | {v} | {_verdict(ok)} |" for k, v, ok in checks]
   lines += ["", "Notes: " + " ".join(notes)]

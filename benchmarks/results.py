@@ -4,6 +4,7 @@ RESULTS.md holds a fixed header and then dated sections, newest first; each
 benchmark script prepends its own section below the header.
 """
 
+import datetime
 import os
 import platform
 
@@ -38,3 +39,16 @@ def prepend_section(path: str, text: str) -> None:
     old = old[len(HEADER) :] if old.startswith(HEADER) else old
   with open(path, "w") as f:
     f.write(HEADER + text + "\n" + old)
+
+
+def table_section(title: str, command: str, machine: str, rows) -> list[str]:
+  """The lines of a section: dated title, command, machine, a 2-column table."""
+  lines = [
+      f"## {title} ({datetime.date.today().isoformat()})",
+      "",
+      f"Command: `{command}`; machine: {machine}.",
+      "",
+      "| what | result |",
+      "|---|---|",
+  ]
+  return lines + [f"| {k} | {v} |" for k, v in rows]

@@ -26,7 +26,6 @@ the backend keeps statistics (GPU, TPU; not CPU) and the process peak RSS.
 """
 
 import argparse
-import datetime
 import os
 import platform
 import resource
@@ -249,15 +248,7 @@ def report(r, config, command):
           f" split overflow {m['split_overflow']:.0f}"
       ),
   ))
-  lines = [
-      f"## Training step ({datetime.date.today().isoformat()})",
-      "",
-      f"Command: `{command}`; machine: {machine}.",
-      "",
-      "| what | result |",
-      "|---|---|",
-  ]
-  lines += [f"| {k} | {v} |" for k, v in rows]
+  lines = results.table_section("Training step", command, machine, rows)
   return "\n".join(lines) + "\n"
 
 
