@@ -31,8 +31,20 @@ setuptools.setup(
         "imageio>=2.37",  # Frame and mask I/O (ships with scikit-image).
         "pillow>=10",  # Palette PNGs of results (ships with imageio).
         "av>=14",  # Video-file decoding for own videos (PyAV wheels).
+        # Score charts of evaluation runs (Agg backend, no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.6",
+            # tests/test_notebooks.py runs the notebooks headlessly.
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+        # Reading the authors' .pth in shls_jax.convert_torch (an .npz of
+        # the state dict needs no PyTorch).
+        "torch": ["torch>=2.4"],
     },
 )

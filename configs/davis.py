@@ -137,7 +137,10 @@ def get_config():
   # own; "untrained" = a fresh initialisation (a floor).
   config.eval.checkpoint = ""
   config.eval.write_masks = True
-  config.eval.overlay_fps = 24.0  # segment mode: the overlay video's rate.
+  # <eval dir>/visuals: ground truth | prediction MP4 and GIF per video, a
+  # J&F bar chart and per-frame J curves (runs.EvaluationVisuals).
+  config.eval.write_visuals = True
+  config.eval.overlay_fps = 24.0  # Frame rate of overlay videos and GIFs.
 
   # --- Memory clustering at evaluation (SPEC 6). Rows per class: SPEC's cap
   # is 10 x N0 (about 10000 at 480p); the static buffer holds at most this
@@ -145,6 +148,18 @@ def get_config():
   # shapes"). Training needs (T - 1) x N rows and sizes itself.
   config.memory = ml_collections.ConfigDict()
   config.memory.capacity = 4096
+  # The memory's rules (SPEC 6, 10); training uses them too.
+  config.memory.num_neighbours = 2  # kNN neighbours.
+  config.memory.rank_weight_base = 0.5  # Rank weights (1, 0.5, ...).
+  config.memory.num_centroids = 2  # Spherical k-means centroids per class.
+  config.memory.kmeans_iterations = 10  # Lloyd steps per fit (SPEC 12).
+  config.memory.long_term_factor = 5  # Long-term part: 5 x N0_c entries.
+  config.memory.cap_factor = 10  # A class holds at most 10 x N0 entries.
+  config.memory.confidence = 0.4  # Confident superpixel threshold (6.3).
+  config.memory.outlier_overlap = 0.05  # Outlier filter overlap (6.2).
+  config.memory.hull_directions = 64  # Hull polygon sides (>= 32).
+  config.memory.test_box_r = 0.3  # Test box enlargement (6.4).
+  config.memory.min_box_fraction = 0.05  # Thin boxes take the full side.
 
   # --- Loss (SPEC 4.1).
   config.loss = ml_collections.ConfigDict()
@@ -173,6 +188,9 @@ def get_config():
   config.train.num_train_steps = 0  # > 0 overrides num_epochs.
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 1000  # Also at the end; 0 = only there.
+  # Sample pictures to TensorBoard (two validation sequences, eval mode):
+  # also at the end; 0 = never.
+  config.train.image_every_steps = 1000
   config.train.checkpoint_every_steps = 1000  # Also at the end.
   config.train.max_checkpoints = 3
 

@@ -44,6 +44,7 @@ def get_config():
   config.train.num_train_steps = 100
   config.train.log_every_steps = 10
   config.train.eval_every_steps = 50
+  config.train.image_every_steps = 50
   config.train.checkpoint_every_steps = 50
   # Stage 2 and the evaluation on demo videos (SPEC 5, 9).
   # A decoder an eighth as wide as the paper's (its full-resolution refine

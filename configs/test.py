@@ -45,6 +45,8 @@ def get_config():
   config.train.num_train_steps = 4
   config.train.log_every_steps = 2
   config.train.eval_every_steps = 0
+  # Off: one more compiled program per run; tests that need it turn it on.
+  config.train.image_every_steps = 0
   config.train.checkpoint_every_steps = 2
   config.demo = ml_collections.ConfigDict()
   config.demo.stage2 = "decoder"

@@ -16,9 +16,10 @@ chunk. The last chunk is padded with frames that leave the carry alone.
 the records hold ground truth, the official DAVIS-2017 scores
 (shls_jax.evaluate): the two CSVs and a printed table.
 
-Videos where an object is first given after frame 0 (YouTube-VOS) are refused
-for now with a clear message: the memory has no rule yet to admit a class in
-the middle of a video.
+Objects first given after frame 0 (YouTube-VOS) join on the frame of their
+mask (`tracker.admit`): only these given masks are read, never the ground
+truth of later frames. Such videos are segmented but not scored (the DAVIS
+protocol takes its objects from frame 0).
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ import tqdm
 
 from shls_jax import evaluate as evaluate_lib
 from shls_jax import input_pipeline
+from shls_jax import memory as memory_lib
 from shls_jax import tracker
 from shls_jax import train
 from shls_jax.models import backbone as backbone_lib
@@ -74,14 +76,16 @@ def load_networks(config: ml_collections.ConfigDict, path: str) -> Networks:
   mesh = train.make_mesh(jax.local_devices()[:1])
   model = train.make_model(config)
   tx = train.make_optimizer(config, 1)
-  state = train.create_state(config, model, tx, mesh)
   if path and path != "untrained":
-    state = train.load_weights(config, state, path, mesh)
+    # Every value comes from the checkpoint: restore onto shapes only.
+    template = train.abstract_state(config, model, tx, mesh)
+    state = train.load_weights(config, template, path, mesh)
     source = train.checkpoint_dir(path)
   else:
+    state = train.create_state(config, model, tx, mesh)
     source = "untrained"
-  state = jax.device_get(state)
-  return networks_from_state(config, state.params, state.batch_stats, source)
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  return networks_from_state(config, params, batch_stats, source)
 
 
 def settings_for(config, num_objects: int) -> tracker.Settings:
@@ -93,6 +97,7 @@ def settings_for(config, num_objects: int) -> tracker.Settings:
       ),
       capacity=config.memory.capacity,
       crop_size=tuple(config.model.decoder_crop_size),
+      hyper=memory_lib.Hyperparameters.from_config(config.memory),
   )
 
 
@@ -188,15 +193,7 @@ class VideoSegmenter:
     name = _text(video["video_name"])
     num_frames = int(video["num_frames"])
     num_objects = int(video["num_objects"])
-    first = np.asarray(video["object_first_frame"])
-    if (first > 0).any():
-      late = [int(k) + 1 for k in np.flatnonzero(first > 0)]
-      raise NotImplementedError(
-          f"Video {name}: objects {late} are first given after frame 0"
-          f" (frames {first[first > 0].tolist()}); only videos whose objects"
-          " all appear in the first frame can be tracked so far (DAVIS"
-          " layouts). YouTube-VOS-style late objects are not supported yet."
-      )
+    given = given_masks(video)
     limit = self.config.eval_data.max_objects
     if num_objects > limit:
       raise ValueError(
@@ -210,7 +207,7 @@ class VideoSegmenter:
         video["frames"][0],
         video["superpixels"][0],
         video["num_superpixels"][0],
-        video["labels"][0],
+        given[0],
         np.int32(num_objects),
         sf_model=nets.sf_model,
         settings=settings,
@@ -231,6 +228,10 @@ class VideoSegmenter:
           "num_superpixels": video["num_superpixels"][idx],
           "frame_valid": video["frame_valid"][idx] & inside,
       }
+      if (np.asarray(video["object_first_frame"]) > 0).any():
+        # Objects first given later join the memory on their frame
+        # (tracker.admit); videos without them compile without that branch.
+        inputs["given"] = given[idx] * inside[:, None, None]
       carry, out = _chunk(
           nets.sf_variables,
           nets.decoder_variables,
@@ -247,6 +248,24 @@ class VideoSegmenter:
         progress.update(real)
       t += self.chunk
     return np.concatenate(masks).astype(np.uint8)
+
+
+def given_masks(video: dict[str, np.ndarray]) -> np.ndarray:
+  """int32 [T', H, W]: on each frame, the masks of the objects first given
+  there (`object_first_frame`), 0 elsewhere; frame 0 also keeps its void
+  (255) pixels, which the memory ignores.
+
+  Only these annotations are inputs: ground truth of an object on later
+  frames never reaches the tracker.
+  """
+  labels = np.asarray(video["labels"])
+  first = np.asarray(video["object_first_frame"])
+  given = np.zeros(labels.shape, np.int32)
+  for k, t in enumerate(first, 1):
+    if t < len(labels):
+      given[t] = np.where(labels[t] == k, k, given[t])
+  given[0] = np.where(labels[0] == 255, 255, given[0])
+  return given
 
 
 def _text(value) -> str:
@@ -334,7 +353,15 @@ def evaluate_dataset(
     if on_video is not None:
       on_video(video, masks)
     has_label = video["has_label"][:num_frames]
-    if has_label.all() and num_frames >= 3:
+    late = (np.asarray(video["object_first_frame"]) > 0).any()
+    if late and has_label.all():
+      logging.info(
+          "%s: objects join after frame 0, which the DAVIS protocol does"
+          " not score; its masks are written (YouTube-VOS is scored by its"
+          " server).",
+          name,
+      )
+    if has_label.all() and num_frames >= 3 and not late:
       results.append(
           evaluate_lib.evaluate_sequence(
               name, masks, video["labels"][:num_frames]

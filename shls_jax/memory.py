@@ -37,6 +37,8 @@ steps from a deterministic seed instead of faiss's restarts, and a polygon
 with `HULL_DIRECTIONS` sides that contains the exact convex hull.
 """
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,47 @@ OUTLIER_OVERLAP = 0.05
 # SPEC 6.2 asks for at least 32; 64 keeps the polygon within a fraction of a
 # pixel of the exact hull for objects up to several hundred pixels across.
 HULL_DIRECTIONS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+  """The memory's rules (SPEC 10 defaults), static for jit.
+
+  `from_config(config.memory)` reads every field that the config section
+  sets; the tracker passes them to the functions below.
+  """
+
+  num_neighbours: int = NUM_NEIGHBOURS
+  rank_weight_base: float = RANK_WEIGHT_BASE
+  num_centroids: int = NUM_CENTROIDS
+  long_term_factor: int = LONG_TERM_FACTOR
+  cap_factor: int = CAP_FACTOR
+  kmeans_iterations: int = KMEANS_ITERATIONS
+  test_box_r: float = TEST_BOX_R
+  min_box_fraction: float = MIN_BOX_FRACTION
+  confidence: float = CONFIDENCE
+  outlier_overlap: float = OUTLIER_OVERLAP
+  hull_directions: int = HULL_DIRECTIONS
+
+  @classmethod
+  def from_config(cls, section) -> "Hyperparameters":
+    """The fields of a config section (`capacity` is the tracker's)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section.keys()) - names - {"capacity"})
+    if unknown:
+      raise ValueError(
+          f"config.memory has unknown fields {unknown}; the memory's fields"
+          f" are capacity and {sorted(names)}."
+      )
+    values = {name: section[name] for name in names if name in section}
+    hyper = cls(**values)
+    if hyper.num_neighbours < 1 or hyper.num_centroids < 1:
+      raise ValueError(
+          "config.memory.num_neighbours and num_centroids must be at least"
+          f" 1, got {hyper.num_neighbours} and {hyper.num_centroids}."
+      )
+    return hyper
+
 
 # The label of pixels and superpixels that belong to no class.
 UNLABELLED = -1
@@ -366,6 +409,85 @@ def update(
   """
   state = _append(state, superfeatures, confident, labels)
   return _refit(state, kmeans_iterations)
+
+
+def admit(
+    state: MemoryState,
+    superfeatures: jax.Array,
+    valid: jax.Array,
+    ids: jax.Array,
+    new_classes: jax.Array,
+    *,
+    given_labels: jax.Array,
+    long_term_factor: int = LONG_TERM_FACTOR,
+    cap_factor: int = CAP_FACTOR,
+    kmeans_iterations: int = KMEANS_ITERATIONS,
+) -> MemoryState:
+  """Starts the classes of objects first given on a later frame.
+
+  A late object's class is fitted like a frame-0 class (`fit`) from the frame
+  where its mask is given, split at that mask's borders: its entries are the
+  frame's superpixels labelled with it, its long-term part holds 5 x their
+  count, and its cap is 10 x the frame's superpixel count. Classes already
+  tracked keep everything, their centroids included.
+
+  Args:
+    state: the MemoryState.
+    superfeatures: f32 [N, D], the superfeatures of the frame (superpixels
+      split at the given masks' borders).
+    valid: bool [N], which rows are superpixels.
+    ids: int [N], each superpixel's label in the given masks (0 or -1 where
+      no new object is given).
+    new_classes: bool [C], the classes that start on this frame.
+    given_labels: int [H, W], the given masks of the new objects (their
+      class ids, 0 elsewhere), for their frame-0-style tight boxes.
+    long_term_factor, cap_factor, kmeans_iterations: as in `fit`.
+
+  Returns:
+    The MemoryState with the new classes valid and fitted.
+  """
+  num_classes = state.class_valid.shape[0]
+  ids = ids.astype(jnp.int32)
+  taken = (
+      valid
+      & (ids >= 0)
+      & (ids < num_classes)
+      & new_classes[jnp.clip(ids, 0, num_classes - 1)]
+  )
+  per_class = jnp.sum(
+      (taken[:, None] & (ids[:, None] == jnp.arange(num_classes))).astype(
+          jnp.int32
+      ),
+      axis=0,
+  )
+  capacity = state.features.shape[1]
+  limit = jnp.minimum(cap_factor * jnp.sum(valid.astype(jnp.int32)), capacity)
+  reset = state.replace(
+      count=jnp.where(new_classes, 0, state.count),
+      long_term=jnp.where(
+          new_classes,
+          jnp.minimum(long_term_factor * per_class, limit),
+          state.long_term,
+      ),
+      limit=jnp.where(new_classes, limit, state.limit),
+      ring_start=jnp.where(new_classes, 0, state.ring_start),
+      class_valid=state.class_valid | new_classes,
+      centroid_valid=state.centroid_valid & ~new_classes[:, None],
+      first_boxes=jnp.where(
+          new_classes[:, None],
+          tight_boxes(given_labels, num_classes),
+          state.first_boxes,
+      ),
+  )
+  fitted = _refit(_append(reset, superfeatures, taken, ids), kmeans_iterations)
+  return fitted.replace(
+      centroids=jnp.where(
+          new_classes[:, None, None], fitted.centroids, state.centroids
+      ),
+      centroid_valid=jnp.where(
+          new_classes[:, None], fitted.centroid_valid, state.centroid_valid
+      ),
+  )
 
 
 # ---------------------------------------------------------------- predict

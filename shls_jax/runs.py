@@ -78,19 +78,83 @@ def score_table(rows: list[tuple[str, dict | None]]) -> str:
   return "\n".join(lines)
 
 
+class EvaluationVisuals:
+  """The pictures of an evaluation run, under <out_dir>/visuals:
+
+    side_by_side/<video>.mp4 and .gif  ground truth (left) and prediction
+        (right) overlaid on the frames in the DAVIS palette; the prediction
+        alone for videos without ground truth after frame 0 (frames without
+        ground truth show the plain frame on the left);
+    j_per_frame/<video>.png  the per-frame J of each object;
+    jf_per_sequence-<split>.png  one J&F bar per scored sequence.
+
+  `on_video` is the callback of `inference.evaluate_dataset`; `charts` reads
+  the per-frame scores of its summary.
+  """
+
+  def __init__(self, out_dir: str, fps: float):
+    self.folder = os.path.join(out_dir, "visuals")
+    self.fps = fps
+    self.written = []
+
+  def on_video(self, video: dict[str, np.ndarray], masks: np.ndarray) -> None:
+    """Writes the side-by-side MP4 and GIF of one segmented video."""
+    name = video["video_name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    n = len(masks)
+    frames = video["frames"][:n]
+    if video["has_label"][1:n].any():
+      images = np.stack([
+          visualize.side_by_side(frame, truth, mask)
+          for frame, truth, mask in zip(frames, video["labels"][:n], masks)
+      ])
+    else:
+      images = visualize.overlay_video(frames, masks)
+    folder = os.path.join(self.folder, "side_by_side")
+    os.makedirs(folder, exist_ok=True)
+    for path, write in (
+        (os.path.join(folder, f"{name}.mp4"), visualize.write_video),
+        (os.path.join(folder, f"{name}.gif"), visualize.write_gif),
+    ):
+      write(path, images, fps=self.fps)
+      self.written.append(path)
+
+  def charts(self, summary: dict, split: str) -> list[str]:
+    """Writes the charts of `evaluate_dataset`'s scores; their paths."""
+    results = summary.get("results", [])
+    if not results:
+      return []
+    folder = os.path.join(self.folder, "j_per_frame")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(self.folder, f"jf_per_sequence-{split}.png")]
+    visualize.write_chart(
+        paths[0],
+        visualize.jf_bar_chart(results, title=f"J&F per sequence ({split})"),
+    )
+    for result in results:
+      paths.append(os.path.join(folder, f"{result['sequence']}.png"))
+      visualize.write_chart(paths[-1], visualize.j_curve_chart(result))
+    self.written.extend(paths)
+    return paths
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
   """Mode evaluate: segment the prepared videos, write masks and CSVs."""
   dataset_dir = _eval_dataset_dir(config, data_dir)
   networks = inference.load_networks(config, _checkpoint_path(config, workdir))
   name = videos_data.dataset_name(config.eval_data)
   out_dir = os.path.join(workdir, "eval", f"{name}-{config.eval_data.split}")
+  visuals = EvaluationVisuals(out_dir, config.eval.overlay_fps)
   summary = inference.evaluate_dataset(
       config,
       networks,
       dataset_dir,
       out_dir,
       write_masks=config.eval.write_masks,
+      on_video=visuals.on_video if config.eval.write_visuals else None,
   )
+  if config.eval.write_visuals:
+    visuals.charts(summary, config.eval_data.split)
   lines = [
       f"Model: {networks.source}",
       (
@@ -108,6 +172,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
   else:
     lines.append("No ground truth beyond the first frame: nothing to score.")
   lines.append(f"Masks and CSVs in {out_dir}.")
+  if visuals.written:
+    lines.append(
+        f"Ground truth | prediction videos and J&F charts in {visuals.folder}."
+    )
   return "\n".join(lines)
 
 
@@ -183,9 +251,19 @@ def demo(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
       jax.device_get(summary2["state"].batch_stats),
       stage2_dir,
   )
-  scores = inference.evaluate_dataset(
-      config, trained, videos_dir, os.path.join(out_dir, "trained"), split="val"
+  visuals = EvaluationVisuals(
+      os.path.join(out_dir, "trained"), config.eval.overlay_fps
   )
+  scores = inference.evaluate_dataset(
+      config,
+      trained,
+      videos_dir,
+      os.path.join(out_dir, "trained"),
+      split="val",
+      on_video=visuals.on_video if config.eval.write_visuals else None,
+  )
+  if config.eval.write_visuals:
+    visuals.charts(scores, "val")
   untrained = inference.load_networks(config, "untrained")
   floor = inference.evaluate_dataset(
       config,
@@ -220,5 +298,10 @@ def demo(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
       ),
       f"Masks and CSVs in {out_dir}.",
   ]
+  if visuals.written:
+    lines.append(
+        "Ground truth | prediction videos and J&F charts of the trained"
+        f" model in {visuals.folder}."
+    )
   logging.info("Demo finished.")
   return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The per-frame step of SHLS, shared by training and inference (SPEC 8).
 
 A video is a `lax.scan` of one pure function over its frames. This module
-holds that function's pieces; so far the memory-side half:
+holds that function and its pieces:
 
   predict   superfeatures of a frame -> the memory's hard labels painted on
             pixels and filtered for outliers (SPEC 6.2), the four score maps
@@ -11,7 +11,8 @@ holds that function's pieces; so far the memory-side half:
 
   start     frame 0: split its superpixels at the mask, fit the memory, the
             carry of the scan.
-  step      one later frame: superfeatures, predict, refine, update.
+  step      one later frame: superfeatures, predict, refine, update, and
+            `admit` for objects first given on that frame (YouTube-VOS).
   track     `start`, then `lax.scan` of `step` over the remaining frames
             (padded frames, `frame_valid` False, leave the carry alone).
 
@@ -27,6 +28,10 @@ are the memory's own prediction on frame 0 right after `fit`; frame 1's
 previous box is the test-box rule applied to the frame-0 mask; a superpixel
 is written to the memory under its majority coarse label counting unlabelled
 pixels as a label of their own (a superpixel mostly unlabelled is skipped).
+Each object's reference crops (its given mask, F1 and F4 in its first box)
+are taken once, when it is given, and carried: the first box never moves.
+A late object's given mask wins over the tracked objects on its frame; the
+memory's update of that frame (made before the object was known) stays.
 """
 
 import dataclasses
@@ -54,9 +59,7 @@ def predict(
     superpixels: jax.Array,
     previous: jax.Array,
     *,
-    box_r: float = memory.TEST_BOX_R,
-    outlier_overlap: float = memory.OUTLIER_OVERLAP,
-    num_directions: int = memory.HULL_DIRECTIONS,
+    hyper: memory.Hyperparameters = memory.Hyperparameters(),
 ) -> dict[str, jax.Array]:
   """The memory's prediction for one later frame (SPEC 6.2, 6.4).
 
@@ -66,9 +69,7 @@ def predict(
     valid: bool [N], superpixels that exist.
     superpixels: int32 [H, W], ids in [0, N).
     previous: int [H, W], the previous frame's final mask.
-    box_r: enlargement of the test boxes.
-    outlier_overlap: see `memory.outlier_filter`.
-    num_directions: hull polygon directions.
+    hyper: the memory's rules (kNN, test box r, outlier filter).
 
   Returns:
     coarse: int32 [H, W], the nearest entry's class per pixel, after the
@@ -81,7 +82,13 @@ def predict(
     labels: int32 [N], the per-superpixel hard labels (before the filter).
   """
   num_classes = state.class_valid.shape[0]
-  labels, knn = memory.knn_scores(state, superfeatures, valid)
+  labels, knn = memory.knn_scores(
+      state,
+      superfeatures,
+      valid,
+      num_neighbours=hyper.num_neighbours,
+      rank_weight_base=hyper.rank_weight_base,
+  )
   centroid = memory.centroid_scores(state, superfeatures, valid)
   scores = jnp.stack(
       [
@@ -97,12 +104,14 @@ def predict(
       paint(labels, superpixels),
       previous,
       num_classes,
-      overlap=outlier_overlap,
-      num_directions=num_directions,
+      overlap=hyper.outlier_overlap,
+      num_directions=hyper.hull_directions,
   )
   objects = jnp.arange(1, num_classes)
   boxes = jax.vmap(
-      lambda c, first: memory.tracked_box(coarse == c, first, box_r)
+      lambda c, first: memory.tracked_box(
+          coarse == c, first, hyper.test_box_r, hyper.min_box_fraction
+      )
   )(objects, state.first_boxes[1:])
   return {"coarse": coarse, "maps": maps, "boxes": boxes, "labels": labels}
 
@@ -196,6 +205,7 @@ class Settings:
     capacity: S, memory rows per class.
     crop_size: the decoder's (Hc, Wc).
     first_box_r: enlargement of the frame-0 reference box (SPEC 6.4).
+    hyper: the memory's rules (config.memory).
   """
 
   max_objects: int
@@ -203,6 +213,7 @@ class Settings:
   capacity: int
   crop_size: tuple[int, int]
   first_box_r: float = 0.5
+  hyper: memory.Hyperparameters = memory.Hyperparameters()
 
 
 @flax.struct.dataclass
@@ -210,11 +221,11 @@ class Carry:
   """What one frame passes to the next (fixed shapes)."""
 
   memory: memory.MemoryState
-  object_valid: jax.Array  # bool [K]
-  mask0: jax.Array  # f32 [K, H, W], the frame-0 masks
-  box0: jax.Array  # int32 [K, 4], frame-0 reference boxes
-  f1_0: jax.Array  # f32 [H, W, 67]
-  f4_0: jax.Array  # f32 [H/4, W/4, 259]
+  object_valid: jax.Array  # bool [K], objects given so far
+  box0: jax.Array  # int32 [K, 4], reference boxes (where each was given)
+  # Each object's reference crops (`decoder.reference_crops`, batch axis K):
+  # its given mask, F1 and F4 inside its reference box.
+  reference: dict[str, jax.Array]
   f1_prev: jax.Array
   f4_prev: jax.Array
   maps_prev: jax.Array  # f32 [K, H, W, 4]
@@ -305,8 +316,12 @@ def start_from_features(
   k = settings.max_objects
   features, f1, f4 = jax.lax.stop_gradient((features, f1, f4))
   objects = jnp.arange(1, k + 1)
-  object_valid = objects <= num_objects
-  masks = (mask[None] == objects[:, None, None]) & object_valid[:, None, None]
+  masks = (mask[None] == objects[:, None, None]) & (objects <= num_objects)[
+      :, None, None
+  ]
+  # An object is tracked once it has been given: objects absent from frame 0
+  # join later (`admit`) or never.
+  object_valid = masks.any((1, 2))
   # Ids of objects beyond num_objects are void for the memory.
   mask = jnp.where((mask > num_objects) | (mask < 0), -1, mask)
   state = memory.fit(
@@ -317,23 +332,39 @@ def start_from_features(
       first_labels=mask,
       max_classes=k + 1,
       capacity=settings.capacity,
+      num_centroids=settings.hyper.num_centroids,
+      long_term_factor=settings.hyper.long_term_factor,
+      cap_factor=settings.hyper.cap_factor,
+      kmeans_iterations=settings.hyper.kmeans_iterations,
   )
-  own = predict(state, features, valid, superpixels, mask)
+  state = state.replace(
+      class_valid=state.class_valid
+      & jnp.concatenate([jnp.ones(1, bool), object_valid])
+  )
+  own = predict(state, features, valid, superpixels, mask, hyper=settings.hyper)
+  box0 = jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(masks)
   return Carry(
       memory=state,
       object_valid=object_valid,
-      mask0=masks.astype(jnp.float32),
-      box0=jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(
-          masks
-      ),
-      f1_0=f1,
-      f4_0=f4,
+      box0=box0,
+      reference=jax.vmap(
+          lambda b, m: decoder_lib.reference_crops(
+              b, m, f1, f4, settings.crop_size
+          )
+      )(box0, masks),
       f1_prev=f1,
       f4_prev=f4,
       maps_prev=own["maps"][:k],
       prob_prev=masks.astype(jnp.float32),
       mask_prev=jnp.maximum(mask, 0).astype(jnp.int32),
-      box_prev=jax.vmap(memory.tracked_box)(masks, state.first_boxes[1:]),
+      box_prev=jax.vmap(
+          lambda m, first: memory.tracked_box(
+              m,
+              first,
+              settings.hyper.test_box_r,
+              settings.hyper.min_box_fraction,
+          )
+      )(masks, state.first_boxes[1:]),
   )
 
 
@@ -358,6 +389,8 @@ def observe(
     boxes: int32 [K, 3, 4], the first, previous and current box of every
       object; None: the test boxes (carry's first and previous boxes, the
       memory's current box, SPEC 6.4). Training passes ground-truth boxes.
+      The first box only labels the output: the crops of each object's
+      reference frame were taken once, from `carry.box0`.
 
   Returns:
     (pred from `predict` with the boxes used under "boxes", the decoder
@@ -369,19 +402,20 @@ def observe(
       valid,
       superpixels,
       carry.mask_prev,
+      hyper=settings.hyper,
   )
   if boxes is None:
     boxes = jnp.stack([carry.box0, carry.box_prev, pred["boxes"]], 1)
   pred["boxes"] = boxes
-  crops = decoder_crops(
-      boxes,
-      carry.mask0,
-      carry.prob_prev,
-      jnp.stack([carry.f1_0, carry.f1_prev, f1]),
-      jnp.stack([carry.f4_0, carry.f4_prev, f4]),
-      jnp.stack([carry.maps_prev, pred["maps"]]),
-      settings.crop_size,
-  )
+  f1_pair = jnp.stack([carry.f1_prev, f1])
+  f4_pair = jnp.stack([carry.f4_prev, f4])
+  maps = jnp.stack([carry.maps_prev, pred["maps"]])
+  crops = jax.vmap(
+      lambda ref, b, pp, mp: decoder_lib.later_crops(
+          ref, b, pp, f1_pair, mp, f4_pair, settings.crop_size
+      ),
+      in_axes=(0, 0, 0, 1),
+  )(carry.reference, boxes[:, 1:], carry.prob_prev, maps)
   return pred, crops
 
 
@@ -395,6 +429,7 @@ def advance(
     f4: jax.Array,
     valid: jax.Array,
     superpixels: jax.Array,
+    hyper: memory.Hyperparameters = memory.Hyperparameters(),
 ) -> tuple[Carry, jax.Array]:
   """The second half of a step: paste, aggregate, update the memory.
 
@@ -404,6 +439,7 @@ def advance(
     crop_logits: f32 [K, Hc, Wc, 2], the decoder's output on its crops.
     features, f1, f4, valid, superpixels: the current frame, as given to
       `observe`.
+    hyper: the memory's rules (confidence, k-means steps).
 
   Returns:
     (the next carry, the aggregated logits [K + 1, H, W]). The carry holds
@@ -425,6 +461,7 @@ def advance(
       class_boxes,
       carry.memory.class_valid,
       n,
+      threshold=hyper.confidence,
   )
   # Unlabelled pixels vote as label 255: a mostly unlabelled superpixel is
   # skipped (its majority is not a class).
@@ -437,6 +474,7 @@ def advance(
           jax.lax.stop_gradient(features),
           confident & valid,
           update_labels,
+          kmeans_iterations=hyper.kmeans_iterations,
       ),
       f1_prev=f1,
       f4_prev=f4,
@@ -446,6 +484,94 @@ def advance(
       box_prev=boxes[:, 2],
   )
   return new, logits
+
+
+def admit(
+    carry: Carry,
+    *,
+    given: jax.Array,
+    final: jax.Array,
+    frame: jax.Array,
+    superpixels: jax.Array,
+    num_superpixels: jax.Array,
+    sf_model,
+    sf_variables,
+    settings: Settings,
+) -> tuple[Carry, jax.Array]:
+  """Objects first given on this frame join the tracking (YouTube-VOS).
+
+  SPEC 6.1 on a later frame, for the new objects only: the frame's
+  superpixels are split at the given masks' borders, the superfeatures of
+  the split frame fit each new object's memory class (`memory.admit`), and
+  its reference crops, reference box and "previous" maps come from this
+  frame as they come from frame 0 for the others. The given masks overwrite
+  the frame's output (they are the answer for those pixels), and the
+  tracked objects' previous probabilities are cleared under them.
+
+  Args:
+    carry: after `advance` on this frame.
+    given: int32 [H, W], the masks given on this frame (object ids, 0
+      elsewhere); ids of objects already tracked are ignored.
+    final: int32 [H, W], the frame's mask from the tracked objects.
+    frame: f32 [H, W, 3], normalised; superpixels int32 [H, W];
+      num_superpixels int32.
+    sf_model, sf_variables: the superfeature network.
+    settings: the static sizes.
+
+  Returns:
+    (the carry with the new objects, the frame's final mask).
+  """
+  k, n = settings.max_objects, settings.num_segments
+  hyper = settings.hyper
+  objects = jnp.arange(1, k + 1)
+  masks = given[None] == objects[:, None, None]  # [K, H, W]
+  new = masks.any((1, 2)) & ~carry.object_valid
+  masks = masks & new[:, None, None]
+  given = jnp.sum(masks * objects[:, None, None], 0).astype(jnp.int32)
+  split, count, _ = segments.split_at_label_borders(
+      superpixels, given, num_superpixels, n
+  )
+  valid = jnp.arange(n) < count
+  features, f1, f4 = frame_features(sf_model, sf_variables, frame, split, valid)
+  state = memory.admit(
+      carry.memory,
+      features,
+      valid,
+      segments.majority_labels(split, given, n),
+      jnp.concatenate([jnp.zeros(1, bool), new]),
+      given_labels=given,
+      long_term_factor=hyper.long_term_factor,
+      cap_factor=hyper.cap_factor,
+      kmeans_iterations=hyper.kmeans_iterations,
+  )
+  final = jnp.where(given > 0, given, final)
+  own = predict(state, features, valid, split, final, hyper=hyper)
+  box0 = jax.vmap(lambda m: memory.object_box(m, settings.first_box_r))(masks)
+  reference = jax.vmap(
+      lambda b, m: decoder_lib.reference_crops(b, m, f1, f4, settings.crop_size)
+  )(box0, masks)
+  box_prev = jax.vmap(
+      lambda m, first: memory.tracked_box(
+          m, first, hyper.test_box_r, hyper.min_box_fraction
+      )
+  )(masks, state.first_boxes[1:])
+
+  def pick(fresh, old):
+    return jnp.where(new.reshape((k,) + (1,) * (old.ndim - 1)), fresh, old)
+
+  carry = carry.replace(
+      memory=state,
+      object_valid=carry.object_valid | new,
+      box0=pick(box0, carry.box0),
+      reference=jax.tree.map(pick, reference, carry.reference),
+      maps_prev=pick(own["maps"], carry.maps_prev),
+      prob_prev=pick(
+          masks.astype(jnp.float32), carry.prob_prev * (given == 0)[None]
+      ),
+      mask_prev=final,
+      box_prev=pick(box_prev, carry.box_prev),
+  )
+  return carry, final
 
 
 def step(
@@ -464,7 +590,8 @@ def step(
     carry: from `start` or the previous `step`.
     inputs: frame f32 [H, W, 3] (normalised), superpixels int32 [H, W],
       num_superpixels int32, frame_valid bool (False: padding, the carry
-      passes unchanged).
+      passes unchanged), optionally given int32 [H, W]: masks of objects
+      first given on this frame (0 elsewhere; see `admit`).
     sf_model, sf_variables, decoder, decoder_variables: the networks.
     settings: the static sizes.
 
@@ -482,8 +609,35 @@ def step(
   )
   pred, crops = observe(carry, **frame, settings=settings)
   crop_logits = decoder.apply(decoder_variables, **crops, train=False)
-  new, logits = advance(carry, pred=pred, crop_logits=crop_logits, **frame)
+  new, logits = advance(
+      carry,
+      pred=pred,
+      crop_logits=crop_logits,
+      **frame,
+      hyper=settings.hyper,
+  )
   final = jnp.argmax(logits, 0).astype(jnp.int32)
+  if "given" in inputs:
+    objects = jnp.arange(1, settings.max_objects + 1)
+    arrives = jnp.any(
+        (inputs["given"][None] == objects[:, None, None]).any((1, 2))
+        & ~carry.object_valid
+    )
+    new, final = jax.lax.cond(
+        arrives,
+        lambda: admit(
+            new,
+            given=inputs["given"],
+            final=final,
+            frame=inputs["frame"],
+            superpixels=superpixels,
+            num_superpixels=inputs["num_superpixels"],
+            sf_model=sf_model,
+            sf_variables=sf_variables,
+            settings=settings,
+        ),
+        lambda: (new, final),
+    )
   keep = inputs["frame_valid"]
   carry = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry)
   return carry, jnp.where(keep, final, 0)
@@ -498,6 +652,7 @@ def track(
     num_objects: jax.Array,
     frame_valid: jax.Array,
     settings: Settings,
+    given: jax.Array | None = None,
 ) -> jax.Array:
   """A whole video: `start` on frame 0, `lax.scan` of `step` over the rest.
 
@@ -509,6 +664,8 @@ def track(
     num_objects: int32 scalar.
     frame_valid: bool [T], False on time padding.
     settings: the static sizes.
+    given: int32 [T, H, W] or None: per later frame, the masks of objects
+      first given there (see `admit`); frame 0's entry is not read.
 
   Returns:
     int32 [T, H, W], the masks (frame 0 as given, 0 on padding).
@@ -531,14 +688,13 @@ def track(
       decoder_variables=networks["decoder_variables"],
       settings=settings,
   )
-  _, masks = jax.lax.scan(
-      body,
-      carry,
-      {
-          "frame": frames[1:],
-          "superpixels": superpixels[1:],
-          "num_superpixels": num_superpixels[1:],
-          "frame_valid": frame_valid[1:],
-      },
-  )
+  inputs = {
+      "frame": frames[1:],
+      "superpixels": superpixels[1:],
+      "num_superpixels": num_superpixels[1:],
+      "frame_valid": frame_valid[1:],
+  }
+  if given is not None:
+    inputs["given"] = given[1:]
+  _, masks = jax.lax.scan(body, carry, inputs)
   return jnp.concatenate([mask0[None], masks])

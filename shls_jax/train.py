@@ -39,6 +39,7 @@ from shls_jax import memory as memory_lib
 from shls_jax import segments
 from shls_jax import tracker
 from shls_jax import validation
+from shls_jax import visualize
 from shls_jax.models import backbone as backbone_lib
 from shls_jax.models import decoder as decoder_lib
 from shls_jax.models import superfeatures as superfeatures_lib
@@ -59,6 +60,8 @@ BATCH_KEYS = ("frames", "labels", "superpixels", "num_superpixels")
 # Training boxes: ground-truth boxes enlarged by 50 % (SPEC 5).
 TRAIN_BOX_R = 0.5
 EVAL_BATCH_KEYS = BATCH_KEYS + ("sequence_valid",)
+# Validation sequences in TensorBoard's sample pictures.
+NUM_IMAGE_SAMPLES = 2
 
 
 @flax.struct.dataclass
@@ -122,6 +125,7 @@ def tracker_settings(config, seq_len: int) -> tracker.Settings:
       num_segments=n,
       capacity=max(seq_len - 1, 1) * n,
       crop_size=tuple(config.model.decoder_crop_size),
+      hyper=memory_lib.Hyperparameters.from_config(config.memory),
   )
 
 
@@ -279,6 +283,20 @@ def create_state(config, model, tx, mesh) -> TrainState:
   return init()
 
 
+def abstract_state(config, model, tx, mesh) -> TrainState:
+  """`create_state`'s shapes, dtypes and shardings, without computing it.
+
+  A restore target: tracing the initialisation costs a fraction of compiling
+  it (tens of seconds for the paper-size networks on a CPU).
+  """
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  shapes = jax.eval_shape(functools.partial(init_state, config, model, tx))
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      shapes,
+  )
+
+
 # --------------------------------------------------------------------------
 # The per-device programs.
 
@@ -420,14 +438,26 @@ def tracker_loss(
         mutable=["batch_stats"],
     )
     batch_stats = mutated["batch_stats"]
-    carry, logits = jax.vmap(tracker.advance)(
+    carry, logits = jax.vmap(
+        functools.partial(tracker.advance, hyper=settings.hyper)
+    )(
         carry,
         pred=pred,
         crop_logits=crop_logits.reshape(b, k, *crop_logits.shape[1:]),
         **frame,
     )
+    # Void: ids above max_objects or not in frame 0 (objects never given).
+    given = jnp.concatenate(
+        [jnp.ones((b, 1), bool), carry.object_valid], axis=1
+    )
+    target = labels[:, i]
     target = jnp.where(
-        labels[:, i] > num_objects[:, None, None], -1, labels[:, i]
+        (target > num_objects[:, None, None])
+        | ~jnp.take_along_axis(
+            given, jnp.clip(target, 0, k).reshape(b, -1), axis=1
+        ).reshape(target.shape),
+        -1,
+        target,
     )
     ce, count = losses.aggregated_cross_entropy(logits, target, axis_name=AXIS)
     ce_frames.append(ce)
@@ -692,6 +722,23 @@ class MetricWriter:
       self._jsonl.write(line)
       self._jsonl.flush()
 
+  def write_images(
+      self, step: int, images: dict[str, np.ndarray], description: str = ""
+  ) -> None:
+    """TensorBoard images: {tag: uint8 [n, H, W, 3]}, all n of each kept."""
+    if not self._active:
+      return
+    with self._writer.as_default():
+      for name, value in images.items():
+        tf.summary.image(
+            name,
+            value,
+            step=step,
+            max_outputs=len(value),
+            description=description or None,
+        )
+    self._writer.flush()
+
   def close(self) -> None:
     if self._active:
       self._writer.close()
@@ -796,6 +843,138 @@ def evaluate(params, batch_stats, eval_fn, config, data, mesh) -> dict:
   }
 
 
+def sample_predictions(
+    params, batch_stats, batch, *, model, config
+) -> dict[str, jax.Array]:
+  """Eval-mode predictions on a few sequences, for the sample pictures.
+
+  Stage 'superfeatures': every superpixel takes the object id of its
+  nearest frame-0 superfeature (the validation's transfer). Stages
+  'decoder' and 'joint': the tracker's masks (`tracker.track` from the
+  frame-0 labels, objects beyond config.train.max_objects left out).
+  BatchNorm uses running statistics; nothing here touches the train step.
+
+  Args:
+    params: the network's parameters (one device's copy).
+    batch_stats: its BatchNorm running statistics.
+    batch: frames uint8 [b, T, H, W, 3]; labels, superpixels int32 [b, T, H,
+      W]; num_superpixels int32 [b, T].
+    model: the SuperfeatureNet.
+    config: the config.
+
+  Returns:
+    predicted: int32 [b, T, H, W] object ids; superpixels: int32 [b, T, H,
+    W], frame 0 split at the object borders as in training.
+  """
+  prepared = prepare_superpixels(batch, config)
+  labels = batch["labels"]
+  b, t = labels.shape[:2]
+  if "decoder" not in STAGES[config.train.stage]:
+    features, _ = _apply(
+        model,
+        {"params": params, "batch_stats": batch_stats},
+        batch["frames"],
+        prepared,
+        config,
+        train=False,
+    )
+    transferred = jax.vmap(validation.nearest_frame0_labels)(
+        features, prepared["valid"], prepared["ids"][:, 0]
+    )
+    superpixels = prepared["superpixels"]
+    predicted = jnp.take_along_axis(
+        transferred, superpixels.reshape(b, t, -1), axis=2
+    ).reshape(superpixels.shape)
+    return {"predicted": predicted, "superpixels": superpixels}
+  settings = tracker_settings(config, t)
+  num_objects = jnp.minimum(labels[:, 0].max((1, 2)), settings.max_objects)
+  sf_params, decoder_params = split_variables(params)
+  sf_stats, decoder_stats = split_variables(batch_stats)
+  networks = {
+      "sf_model": model,
+      "sf_variables": {"params": sf_params, "batch_stats": sf_stats},
+      "decoder": make_decoder(config),
+      "decoder_variables": {
+          "params": decoder_params,
+          "batch_stats": decoder_stats,
+      },
+  }
+  frames = backbone_lib.normalize(
+      batch["frames"], config.model.pixel_mean, config.model.pixel_std
+  )
+  masks = jax.vmap(
+      lambda f, sp, n, m, k: tracker.track(
+          networks, f, sp, n, m, k, jnp.ones(t, bool), settings
+      )
+  )(
+      frames,
+      batch["superpixels"],
+      batch["num_superpixels"],
+      labels[:, 0],
+      num_objects,
+  )
+  predicted = jnp.where(masks > num_objects[:, None, None, None], 0, masks)
+  return {"predicted": predicted, "superpixels": prepared["superpixels"]}
+
+
+def image_samples(config, data: str) -> dict[str, np.ndarray]:
+  """The first NUM_IMAGE_SAMPLES validation sequences (BATCH_KEYS), NumPy."""
+  ds = input_pipeline.sequence_dataset(
+      data,
+      "validation",
+      global_batch_size=NUM_IMAGE_SAMPLES,
+      num_local_devices=1,
+      max_superpixels=config.train_superpixels.max_superpixels,
+      shuffle=False,
+      pad_to_full_batches=True,
+      prefetch=1,
+  )
+  local = next(ds.as_numpy_iterator())
+  real = local["sequence_valid"][0]
+  return {k: local[k][0][real] for k in BATCH_KEYS}
+
+
+def render_samples(
+    samples: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+) -> tuple[np.ndarray, str]:
+  """The sample pictures: uint8 [b, H', W', 3], and what their rows show.
+
+  One picture per sequence, its frames left to right. Stage
+  'superfeatures': the frames with their superpixels' borders, the ground
+  truth, and the labels transferred from frame 0 by nearest superfeature.
+  Stages 'decoder' and 'joint': the ground truth (objects the tracker
+  does not follow are left uncoloured) and the tracked masks. Objects in
+  the DAVIS palette.
+  """
+  with_decoder = "decoder" in STAGES[config.train.stage]
+  pictures = []
+  for i, frames in enumerate(samples["frames"]):
+    labels = samples["labels"][i]
+    predicted = outputs["predicted"][i]
+    if with_decoder:
+      # Void (255) is left uncoloured: the tracker has no slot for them.
+      labels = np.where(labels > config.train.max_objects, 255, labels)
+    truth = [visualize.overlay(f, l) for f, l in zip(frames, labels)]
+    rows = [truth, [visualize.overlay(f, p) for f, p in zip(frames, predicted)]]
+    if not with_decoder:
+      borders = [
+          visualize.mark_boundaries(f, s)
+          for f, s in zip(frames, outputs["superpixels"][i])
+      ]
+      rows.insert(0, borders)
+    pictures.append(visualize.tile(rows))
+  if with_decoder:
+    description = "Rows: ground truth; tracked masks (frame 0 is given)."
+  else:
+    description = (
+        "Rows: superpixels (frame 0 split at the objects); ground truth;"
+        " each superpixel's nearest frame-0 superfeature's object."
+    )
+  return np.stack(pictures), description
+
+
 def _last_logged(workdir: str, tags) -> dict[str, float]:
   """The last value of each of `tags` in <workdir>/metrics.jsonl, if any."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -847,7 +1026,7 @@ def load_weights(config, state: TrainState, path: str, mesh) -> TrainState:
       other = ml_collections.ConfigDict(config.to_dict())
       other.train.stage = stage
       tx = make_optimizer(other, jax.device_count())
-      template = create_state(other, model, tx, mesh)
+      template = abstract_state(other, model, tx, mesh)
       try:
         restored, step = ckpt.restore_latest(template)
       except checkpoint.StructureMismatchError as e:
@@ -931,6 +1110,14 @@ def train_and_evaluate(
   train_fn = make_train_step(model, tx, config, mesh)
   eval_fn = make_eval_step(model, config, mesh)
   writer = MetricWriter(workdir)
+  image_every = config.train.image_every_steps
+  # Sample pictures: process 0 alone, on its first device, outside the step.
+  samples = None
+  if image_every > 0 and jax.process_index() == 0:
+    samples = image_samples(config, data)
+    sample_fn = jax.jit(
+        functools.partial(sample_predictions, model=model, config=config)
+    )
   batches = input_pipeline.training_batches(
       data,
       start_step=start_step,
@@ -1006,6 +1193,7 @@ def train_and_evaluate(
     save_now = step % config.train.checkpoint_every_steps == 0 or is_last
     eval_every = config.train.eval_every_steps
     eval_now = is_last or (eval_every > 0 and step % eval_every == 0)
+    image_now = samples is not None and (step % image_every == 0 or is_last)
     if log_now or save_now or eval_now:
       fetched = [
           (s, jax.tree.map(float, jax.device_get(m))) for s, m in pending
@@ -1034,6 +1222,16 @@ def train_and_evaluate(
       summary["val_objects"] = scores["objects"]
       bar.write(f"step {step}: validation mean IoU {scores['iou']:.4f}")
       # Steps per second measure training only.
+      interval_start = time.perf_counter()
+    if image_now:
+      # This process's copy of the replicated state (one device; works on
+      # multi-host too); the NumPy samples follow it there.
+      params, batch_stats = jax.tree.map(
+          lambda x: x.addressable_data(0), (state.params, state.batch_stats)
+      )
+      outputs = jax.device_get(sample_fn(params, batch_stats, samples))
+      pictures, description = render_samples(samples, outputs, config)
+      writer.write_images(step, {"val/samples": pictures}, description)
       interval_start = time.perf_counter()
   bar.close()
   if "val_iou" not in summary:

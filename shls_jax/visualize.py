@@ -1,10 +1,14 @@
-"""Pictures and videos of segmentation results: overlays, MP4s, GIF previews.
+"""Pictures of segmentation results: overlays, MP4s, GIF previews, charts.
 
 Masks are integer [H, W] maps of object ids as everywhere in the project:
 0 is background, 1..K are objects and 255 is void (DAVIS' "don't care"
 label). An overlay tints each object with its colour from the DAVIS palette
 and outlines it, so that thin objects stay visible; background and void
 pixels keep the frame's own colour.
+
+The charts of an evaluation run (`jf_bar_chart`, `j_curve_chart`) plot the
+per-sequence dicts of `shls_jax.evaluate.evaluate_sequence` with matplotlib's
+object-oriented API on an Agg canvas: no display and no global pyplot state.
 
 Files are written atomically, in the style of
 `data_prep.video_sources.write_palette_mask`: into a hidden temporary file in
@@ -378,3 +382,196 @@ def write_gif(
         duration=duration,
         loop=0,
     )
+
+
+def mark_boundaries(
+    frame: np.ndarray,
+    segments: np.ndarray,
+    colour: Sequence[int] = (255, 255, 255),
+) -> np.ndarray:
+  """A frame with the borders of its segments (superpixels) painted.
+
+  Args:
+    frame: uint8 [H, W, 3] RGB image.
+    segments: integer [H, W] segment ids (any non-negative values).
+    colour: RGB of the border pixels: those whose id differs from one of
+      their 4-neighbours.
+
+  Returns:
+    uint8 [H, W, 3], a new array.
+  """
+  frame = _check_frame(frame, "frame")
+  segments = np.asarray(segments)
+  if segments.shape != frame.shape[:2]:
+    raise ValueError(
+        f"frame and segments sizes differ: frame {frame.shape}, segments"
+        f" {segments.shape}."
+    )
+  out = frame.copy()
+  out[_borders(segments)] = np.asarray(colour, np.uint8)
+  return out
+
+
+def tile(rows: Sequence[Sequence[np.ndarray]], *, gap: int = 2) -> np.ndarray:
+  """Images of one size in a grid, rows top to bottom, white gaps between.
+
+  Args:
+    rows: R sequences of C uint8 [H, W, 3] images each.
+    gap: pixels of white between neighbouring images.
+
+  Returns:
+    uint8 [R H + (R - 1) gap, C W + (C - 1) gap, 3].
+  """
+  if not rows or not rows[0]:
+    raise ValueError("tile needs at least one row of at least one image.")
+  images = [[_check_frame(i, "image") for i in row] for row in rows]
+  shapes = {i.shape for row in images for i in row}
+  if len(shapes) != 1 or len({len(row) for row in images}) != 1:
+    raise ValueError(
+        "tile needs rows of equally many images of one shape, got shapes"
+        f" {sorted(shapes)} in rows of {[len(r) for r in images]} images."
+    )
+  h, w, _ = shapes.pop()
+  cols = len(images[0])
+  out = np.full(
+      (len(images) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8
+  )
+  for r, row in enumerate(images):
+    for c, image in enumerate(row):
+      out[
+          r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w
+      ] = image
+  return out
+
+
+# ---------------------------------------------------------------- charts
+
+
+def jf_per_sequence(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The values of the per-sequence bar chart.
+
+  Args:
+    results: per-sequence dicts of `evaluate.evaluate_sequence` (J-Mean and
+      F-Mean per object).
+
+  Returns:
+    sequences: the names, in the order of `results`; "J&F", "J", "F":
+    float64 [num_sequences], each sequence's mean over its objects of
+    (J-Mean + F-Mean) / 2, J-Mean and F-Mean; "global J&F": the
+    evaluation's J&F-Mean (all objects of all sequences weigh the same, so
+    it is not the mean of the bars).
+  """
+  if not results:
+    raise ValueError("No scored sequence: there is nothing to chart.")
+  j = np.array([np.mean(r["J-Mean"]) for r in results], np.float64)
+  f = np.array([np.mean(r["F-Mean"]) for r in results], np.float64)
+  all_j = np.concatenate([np.asarray(r["J-Mean"]) for r in results])
+  all_f = np.concatenate([np.asarray(r["F-Mean"]) for r in results])
+  return {
+      "sequences": [str(r["sequence"]) for r in results],
+      "J&F": (j + f) / 2,
+      "J": j,
+      "F": f,
+      "global J&F": float((all_j.mean() + all_f.mean()) / 2),
+  }
+
+
+def _figure(width: float, height: float):
+  """A matplotlib Figure on an Agg canvas (no pyplot, no display)."""
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure as figure_lib  # pylint: disable=g-import-not-at-top
+
+  fig = figure_lib.Figure(
+      figsize=(width, height), dpi=100, layout="constrained"
+  )
+  backend_agg.FigureCanvasAgg(fig)
+  return fig
+
+
+def jf_bar_chart(results: Sequence[dict[str, Any]], title: str = ""):
+  """One bar per sequence: its J&F, with the global J&F-Mean as a line.
+
+  Args:
+    results: per-sequence dicts of `evaluate.evaluate_sequence`.
+    title: the chart's title; defaults to "J&F per sequence".
+
+  Returns:
+    A matplotlib Figure (write it with `write_chart`); its one Axes holds
+    the bars in the order of `jf_per_sequence`.
+  """
+  values = jf_per_sequence(results)
+  n = len(values["sequences"])
+  fig = _figure(max(4.0, 1.5 + 0.3 * n), 4.0)
+  ax = fig.add_subplot()
+  x = np.arange(n)
+  ax.bar(x, values["J&F"], color="#4c72b0", label="J&F (sequence)")
+  ax.axhline(
+      values["global J&F"],
+      color="#c44e52",
+      linestyle="--",
+      label=f"J&F-Mean {values['global J&F']:.3f}",
+  )
+  ax.set_xticks(x, values["sequences"], rotation=90, fontsize=8)
+  ax.set_xlim(-0.6, n - 0.4)
+  # Room above the bars for the legend.
+  ax.set_ylim(0.0, 1.15)
+  ax.set_yticks(np.linspace(0.0, 1.0, 6))
+  ax.set_ylabel("J&F")
+  ax.set_title(title or "J&F per sequence")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(loc="upper right", fontsize=8, ncols=2)
+  return fig
+
+
+def j_curve_chart(result: dict[str, Any], palette: Optional[np.ndarray] = None):
+  """Per-frame J of each object of one sequence, one line per object.
+
+  Args:
+    result: one dict of `evaluate.evaluate_sequence`: its "J" [num_objects,
+      T - 2] holds the scores of frames 1..T-2 (the first and last frames
+      are not scored).
+    palette: uint8 [N, 3] line colours by object id; the DAVIS palette by
+      default, as in the overlays.
+
+  Returns:
+    A matplotlib Figure whose Axes holds one line per object, in the order
+    of result["object_ids"], x the frame index and y the J of that frame.
+  """
+  if palette is None:
+    palette = masks_lib.davis_palette()
+  j = np.asarray(result["J"], np.float64)
+  if j.ndim != 2 or j.shape[0] != len(result["object_ids"]):
+    raise ValueError(
+        f"Sequence {result.get('sequence')!r}: J must be [num_objects, frames]"
+        f" with {len(result['object_ids'])} objects, got {j.shape}."
+    )
+  fig = _figure(6.0, 3.5)
+  ax = fig.add_subplot()
+  frames = np.arange(1, j.shape[1] + 1)
+  for object_id, values, mean in zip(result["object_ids"], j, result["J-Mean"]):
+    ax.plot(
+        frames,
+        values,
+        color=np.asarray(palette[int(object_id)], np.float64) / 255.0,
+        marker="." if len(frames) <= 40 else None,
+        label=f"object {int(object_id)} (J-Mean {float(mean):.3f})",
+    )
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel("frame")
+  ax.set_ylabel("J (IoU)")
+  ax.set_title(f"{result['sequence']}: J per frame")
+  ax.grid(alpha=0.3)
+  if len(j):
+    ax.legend(loc="lower left", fontsize=8)
+  return fig
+
+
+def write_chart(path: str, figure) -> None:
+  """Writes a matplotlib Figure as a PNG file, atomically.
+
+  Args:
+    path: the PNG file; its folder must exist.
+    figure: from `jf_bar_chart` or `j_curve_chart`.
+  """
+  with _atomic_path(path, ".png") as tmp:
+    figure.savefig(tmp, format="png")

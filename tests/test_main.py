@@ -93,11 +93,27 @@ def test_main_builds_the_demo_dataset_and_trains(tmp_path):
       "global_results-val.csv",
       "masks",
       "per-sequence_results-val.csv",
+      "visuals",
   ]
   videos = os.listdir(os.path.join(results, "masks"))
   assert len(videos) >= 2
   frames = sorted(os.listdir(os.path.join(results, "masks", videos[0])))
   assert frames == [f"{t:05d}.png" for t in range(5)]
+  # Ground truth | prediction per video, a J&F bar chart, J curves.
+  visuals = os.path.join(results, "visuals")
+  assert sorted(os.listdir(os.path.join(visuals, "side_by_side"))) == sorted(
+      f"{v}.{ext}" for v in videos for ext in ("gif", "mp4")
+  )
+  gif = iio.imread(
+      os.path.join(visuals, "side_by_side", f"{videos[0]}.gif"), index=None
+  )
+  assert gif.shape[:3] == (5, 64, 2 * 64 + 4)
+  assert sorted(os.listdir(os.path.join(visuals, "j_per_frame"))) == sorted(
+      f"{v}.png" for v in videos
+  )
+  chart = iio.imread(os.path.join(visuals, "jf_per_sequence-val.png"))
+  assert chart.shape[0] >= 300 and chart[..., :3].std() > 10
+  assert "Ground truth | prediction videos and J&F charts" in out
   dataset_dir = os.path.join(workdir, "data", "shls_test", "1.0.0")
   info = input_pipeline.load_builder(dataset_dir).info
   train_split, val = info.splits["train"], info.splits["validation"]

@@ -785,3 +785,87 @@ def test_outlier_filter_rejects_too_few_directions():
     memory.outlier_filter(
         np.zeros((4, 4), np.int32), np.zeros((4, 4)), 2, 0.05, 16
     )
+
+
+# ---------------------------------------------------------------- admit
+
+
+def test_admit_starts_late_classes_like_fit_and_keeps_the_others():
+  """A class admitted on a later frame is fitted as `fit` would on that
+  frame (entries, long-term part, cap from the frame's superpixel count,
+  centroids, tight box); the tracked classes are untouched."""
+  rng = np.random.default_rng(7)
+  x0, valid0, ids0 = random_frame(rng, 24, 18, 6, 2)  # Classes 0, 1 only.
+  state = fit_jit(
+      x0,
+      valid0,
+      ids0,
+      2,  # Objects 2 and 3 (slots up to 4) are not given on frame 0.
+      label_map(rng, 16, 18, 2),
+      max_classes=5,
+      capacity=80,
+      long_term_factor=5,
+      cap_factor=10,
+      kmeans_iterations=3,
+  )
+  state = update_jit(state, x0, valid0, ids0, kmeans_iterations=3)
+  # Frame t: 14 superpixels, 3 of class 3 (new), the rest unlabelled for
+  # the admission (0 = not a new object; ids of tracked classes ignored).
+  x, valid, _ = random_frame(rng, 24, 14, 6, 2)
+  ids = np.zeros(24, np.int32)
+  ids[[2, 5, 9]] = 3
+  ids[4] = 1  # A tracked class: must not be touched.
+  given = np.zeros((16, 18), np.int32)
+  given[3:6, 7:12] = 3
+  new = np.array([False, False, False, True, False])
+  admitted = jax.jit(
+      memory.admit, static_argnames=("long_term_factor", "cap_factor")
+  )(
+      state,
+      x,
+      valid,
+      ids,
+      new,
+      given_labels=given,
+      long_term_factor=5,
+      cap_factor=10,
+      kmeans_iterations=3,
+  )
+  np.testing.assert_array_equal(admitted.class_valid, [1, 1, 0, 1, 0])
+  assert int(admitted.count[3]) == 3
+  assert int(admitted.long_term[3]) == 15  # 5 x 3.
+  assert int(admitted.limit[3]) == 80  # min(10 x 14, capacity).
+  np.testing.assert_allclose(
+      np.asarray(admitted.features[3, :3]), np_unit(x[[2, 5, 9]]), atol=1e-6
+  )
+  points = np_unit(x[[2, 5, 9]])
+  cents = np_lloyd(points, np_seed(points, [None, None], [False, False]), 3)
+  for m, cent in enumerate(cents):
+    assert bool(admitted.centroid_valid[3, m])
+    np.testing.assert_allclose(
+        np.asarray(admitted.centroids[3, m]), cent, atol=2e-5
+    )
+  np.testing.assert_array_equal(
+      admitted.first_boxes[3], np_tight_box(given == 3)
+  )
+  # Every other class keeps its entries, layout and centroids exactly.
+  for c in (0, 1, 2, 4):
+    for field in (
+        "count",
+        "long_term",
+        "limit",
+        "ring_start",
+        "class_valid",
+        "first_boxes",
+        "centroid_valid",
+    ):
+      np.testing.assert_array_equal(
+          getattr(admitted, field)[c], getattr(state, field)[c], err_msg=field
+      )
+    np.testing.assert_array_equal(admitted.features[c], state.features[c])
+    np.testing.assert_array_equal(admitted.centroids[c], state.centroids[c])
+  # Later updates treat the admitted class like any other.
+  later = update_jit(
+      admitted, x, valid, np.where(valid, 3, -1), kmeans_iterations=3
+  )
+  assert int(later.count[3]) == 3 + 14

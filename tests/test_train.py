@@ -1,5 +1,6 @@
 """The training system: stages, the distributed step, the loop, resuming."""
 
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import tensorflow as tf
 from data_prep import demo
 from shls_jax import checkpoint
 from shls_jax import train
+from shls_jax import visualize
 from tests.conftest import REPO
 from tests.conftest import load_config
 
@@ -251,6 +253,7 @@ def test_training_writes_everything_and_resumes(
     test_config, data_dir, tmp_path
 ):
   workdir = str(tmp_path / "run")
+  test_config.train.image_every_steps = 3  # Step 3, and the last one.
   summary = first = train.train_and_evaluate(test_config, workdir, data_dir)
   assert summary["step"] == 4
   assert np.isfinite(summary["loss"])
@@ -279,7 +282,22 @@ def test_training_writes_everything_and_resumes(
       "val/iou",
       "val/iou_untrained",
       "val/iou_mean_colour",
+      "val/samples",
   } <= tags
+  # Sample pictures of two validation sequences, as TensorBoard PNGs.
+  samples = [
+      (e.step, tf.make_ndarray(v.tensor))
+      for e in tf.compat.v1.train.summary_iterator(events[0])
+      for v in e.summary.value
+      if v.tag == "val/samples"
+  ]
+  assert [step for step, _ in samples] == [3, 4]
+  width, height, *pngs = samples[-1][1]
+  assert len(pngs) == train.NUM_IMAGE_SAMPLES
+  picture = tf.io.decode_png(pngs[0]).numpy()
+  # Three rows (superpixels, truth, transfer) of three 64 x 64 frames.
+  assert picture.shape == (3 * 64 + 4, 3 * 64 + 4, 3)
+  assert (int(width), int(height)) == (3 * 64 + 4, 3 * 64 + 4)
 
   # Six steps in the same workdir continue from step 4.
   step4, params4 = _params_of(workdir, test_config)
@@ -510,13 +528,18 @@ def test_stage_two_steps_train_the_tracker(test_config, stage, moved):
   state, metrics = step(state, batch)
   metrics = jax.tree.map(float, metrics)
   # Both losses are there and finite; the pixels of frames 1..2 count
-  # unless their object is absent from frame 0 (void).
+  # unless their object is absent from frame 0 (never given: void) or above
+  # train.max_objects.
   assert np.isfinite(metrics["cross_entropy"]) and metrics["cross_entropy"] > 0
   assert metrics["loss"] == pytest.approx(
       metrics["nt_xent"] + metrics["cross_entropy"], rel=1e-5
   )
   labels = raw["labels"]
-  known = labels[:, 1:] <= labels[:, :1].max(axis=(2, 3), keepdims=True)
+  k = test_config.train.max_objects
+  known = np.stack([
+      np.isin(seq[1:], [0] + [i for i in np.unique(seq[0]) if 0 < i <= k])
+      for seq in labels
+  ])
   assert 0 < known.sum() < known.size  # The batch has both cases.
   assert metrics["cross_entropy_pixels"] == known.sum()
   after = jax.tree.map(np.asarray, state.params)
@@ -576,3 +599,63 @@ def test_tracker_loss_gradients_follow_the_rules_of_spec_5(test_config):
   for i in (1, 2):
     assert norm(g_out["f1"][:, i]) > 0 and norm(g_out["f4"][:, i]) > 0
   assert all(norm(g) > 0 for g in jax.tree.leaves(g_params["segmenter"]))
+
+
+@pytest.mark.parametrize("stage", ["superfeatures", "decoder"])
+def test_sample_pictures_show_each_stage(test_config, stage, tmp_path):
+  test_config.train.stage = stage
+  model = train.make_model(test_config)
+  state = train.init_state(
+      test_config, model, train.make_optimizer(test_config, 1)
+  )
+  raw = _batch(np.random.default_rng(2), 2, size=32)
+  outputs = jax.device_get(
+      jax.jit(
+          functools.partial(
+              train.sample_predictions, model=model, config=test_config
+          )
+      )(state.params, state.batch_stats, raw)
+  )
+  predicted, superpixels = outputs["predicted"], outputs["superpixels"]
+  assert predicted.shape == superpixels.shape == raw["labels"].shape
+  labels = raw["labels"]
+  if stage == "superfeatures":
+    # Whole superpixels take one frame-0 object id each.
+    for b in range(2):
+      for t in range(3):
+        for s in np.unique(superpixels[b, t]):
+          ids = np.unique(predicted[b, t][superpixels[b, t] == s])
+          assert len(ids) == 1 and ids[0] in labels[b, 0]
+  else:
+    # The tracker starts from the given frame-0 mask.
+    np.testing.assert_array_equal(predicted[:, 0], labels[:, 0])
+  pictures, description = train.render_samples(raw, outputs, test_config)
+  rows = 3 if stage == "superfeatures" else 2
+  assert pictures.shape == (2, rows * 32 + 2 * (rows - 1), 3 * 32 + 4, 3)
+  assert ("superpixels" in description) == (stage == "superfeatures")
+  # The last row is the prediction over each frame, the one above the truth.
+  top = (rows - 1) * 34
+  for t in range(3):
+    left = t * 34
+    np.testing.assert_array_equal(
+        pictures[1, top : top + 32, left : left + 32],
+        visualize.overlay(raw["frames"][1, t], predicted[1, t]),
+    )
+    np.testing.assert_array_equal(
+        pictures[1, top - 34 : top - 2, left : left + 32],
+        visualize.overlay(raw["frames"][1, t], labels[1, t]),
+    )
+  # Through the metric writer into a TensorBoard event file and back.
+  writer = train.MetricWriter(str(tmp_path))
+  writer.write_images(7, {"val/samples": pictures}, description)
+  writer.close()
+  (events,) = tf.io.gfile.glob(str(tmp_path / "tensorboard" / "events.*"))
+  (value,) = [
+      (e.step, v)
+      for e in tf.compat.v1.train.summary_iterator(events)
+      for v in e.summary.value
+  ]
+  assert value[0] == 7 and value[1].tag == "val/samples"
+  _, _, *pngs = tf.make_ndarray(value[1].tensor)
+  for png, picture in zip(pngs, pictures, strict=True):
+    np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), picture)

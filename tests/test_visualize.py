@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from shls_jax import evaluate
 from shls_jax import visualize
 
 H, W = 8, 10
@@ -323,3 +324,98 @@ def test_write_gif_failure_keeps_old_file(tmp_path, monkeypatch):
     visualize.write_gif(str(path), _video())
   assert path.read_bytes() == b"old"
   assert os.listdir(tmp_path) == ["preview.gif"]
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def test_mark_boundaries_paints_only_segment_borders():
+  frame = _frame()
+  segments = np.zeros((H, W), np.int32)
+  segments[:, 5:] = 7  # One vertical border between columns 4 and 5.
+  out = visualize.mark_boundaries(frame, segments, colour=(1, 2, 3))
+  border = np.zeros((H, W), bool)
+  border[:, 4:6] = True
+  assert (out[border] == (1, 2, 3)).all()
+  np.testing.assert_array_equal(out[~border], frame[~border])
+  with pytest.raises(ValueError, match="sizes differ"):
+    visualize.mark_boundaries(frame, segments[:, :-1])
+
+
+def test_tile_places_images_in_rows_with_gaps():
+  a, b = _frame(), 255 - _frame()
+  out = visualize.tile([[a, b, a], [b, a, b]], gap=3)
+  assert out.shape == (2 * H + 3, 3 * W + 6, 3)
+  np.testing.assert_array_equal(out[:H, :W], a)
+  np.testing.assert_array_equal(out[:H, W + 3 : 2 * W + 3], b)
+  np.testing.assert_array_equal(out[H + 3 :, 2 * (W + 3) :], b)
+  assert (out[H : H + 3] == 255).all()
+  with pytest.raises(ValueError, match="equally many"):
+    visualize.tile([[a, b], [a]])
+
+
+# ---------------------------------------------------------------- charts
+
+
+def _results():
+  """Scores of two sequences from evaluate_sequence: real per-frame J."""
+  truth = np.zeros((7, 12, 16), np.uint8)
+  truth[:, 2:8, 2:8] = 1
+  truth[:, 6:11, 9:15] = 2
+  worse = truth.copy()
+  worse[3:, 2:8, 2:5] = 0  # Object 1 loses half of itself from frame 3 on.
+  worse[5, 6:11, 9:15] = 0  # Object 2 vanishes on frame 5.
+  return [
+      evaluate.evaluate_sequence("bear", worse, truth),
+      evaluate.evaluate_sequence("car", truth[:, :, ::-1].copy(), truth),
+  ]
+
+
+def test_jf_values_are_the_evaluation_means():
+  results = _results()
+  values = visualize.jf_per_sequence(results)
+  assert values["sequences"] == ["bear", "car"]
+  for i, r in enumerate(results):
+    expected = np.mean((r["J-Mean"] + r["F-Mean"]) / 2)
+    assert values["J&F"][i] == pytest.approx(expected)
+  global_scores, _ = evaluate.summarize(results)
+  assert values["global J&F"] == pytest.approx(global_scores["J&F-Mean"])
+  assert values["J&F"][0] < 1.0 and values["J&F"][0] != values["J&F"][1]
+
+
+def test_jf_bar_chart_has_one_bar_per_sequence():
+  results = _results() * 3  # Six sequences.
+  fig = visualize.jf_bar_chart(results)
+  (ax,) = fig.axes
+  heights = [patch.get_height() for patch in ax.patches]
+  np.testing.assert_allclose(heights, visualize.jf_per_sequence(results)["J&F"])
+  labels = [t.get_text() for t in ax.get_xticklabels()]
+  assert labels == ["bear", "car"] * 3
+  with pytest.raises(ValueError, match="nothing to chart"):
+    visualize.jf_bar_chart([])
+
+
+def test_j_curve_lines_are_the_per_frame_j():
+  result = _results()[0]
+  fig = visualize.j_curve_chart(result)
+  (ax,) = fig.axes
+  lines = ax.get_lines()
+  assert len(lines) == 2  # One per object.
+  palette = visualize.masks_lib.davis_palette()
+  for k, line in enumerate(lines):
+    # Frames 1..T-2 are the scored ones.
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(1, 6))
+    np.testing.assert_array_equal(line.get_ydata(), result["J"][k])
+    np.testing.assert_allclose(line.get_color(), palette[k + 1] / 255.0)
+  # The scores the chart shows are the evaluation's: a loss and a vanishing.
+  assert lines[0].get_ydata()[2] == pytest.approx(0.5)
+  assert lines[1].get_ydata()[4] == 0.0
+
+
+def test_write_chart_is_a_decodable_png(tmp_path):
+  path = str(tmp_path / "chart.png")
+  visualize.write_chart(path, visualize.jf_bar_chart(_results()))
+  image = np.asarray(Image.open(path).convert("RGB"))
+  assert image.shape[0] >= 300 and image.shape[1] >= 400
+  assert image.std() > 10  # Not a blank canvas.
+  assert os.listdir(tmp_path) == ["chart.png"]  # No temporary file left.

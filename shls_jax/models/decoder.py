@@ -473,6 +473,86 @@ class Decoder(nn.Module):
     )(skip69, maps[:, 1], f4_all, train=train, mask=mask)
 
 
+def reference_crops(
+    box0: jax.Array,
+    mask0: jax.Array,
+    f1_0: jax.Array,
+    f4_0: jax.Array,
+    crop_size: tuple[int, int],
+) -> dict[str, jax.Array]:
+  """The crops of an object's reference frame, from its first box.
+
+  The first box never changes, so these crops are the same on every later
+  frame: the tracker takes them once, when the object is given (frame 0, or
+  the frame where a late object first appears), and keeps them in its carry.
+
+  Args:
+    box0: int32 [4], the reference box.
+    mask0: [H, W], the object's given mask.
+    f1_0: [H, W, 67] and f4_0 [H/4, W/4, 259], the reference frame's maps.
+    crop_size: (Hc, Wc), multiples of 4.
+
+  Returns:
+    mask0 [Hc, Wc, 1] (nearest), f1 [Hc, Wc, 67], f4 [Hc/4, Wc/4, 259].
+  """
+  quarter = (crop_size[0] // 4, crop_size[1] // 4)
+  return {
+      "mask0": crop_resize(
+          mask0[..., None].astype(jnp.float32), box0, crop_size, True
+      ),
+      "f1": crop_resize(f1_0, box0, crop_size),
+      "f4": roi_align(f4_0, box0, quarter, 0.25, mask0.shape),
+  }
+
+
+def later_crops(
+    reference: dict[str, jax.Array],
+    boxes: jax.Array,
+    prev_pred: jax.Array,
+    f1: jax.Array,
+    maps: jax.Array,
+    f4: jax.Array,
+    crop_size: tuple[int, int],
+) -> dict[str, jax.Array]:
+  """The decoder's crops of one object given its `reference_crops`.
+
+  Args:
+    reference: `reference_crops` of the object.
+    boxes: int32 [2, 4], the previous and the current box.
+    prev_pred: [H, W] its previous prediction (probability or mask).
+    f1: [2, H, W, 67], F1 of the previous and the current frame.
+    maps: [2, H, W, 4], the previous and the current four maps.
+    f4: [2, H/4, W/4, 259], F4 of the two frames.
+    crop_size: (Hc, Wc), multiples of 4.
+
+  Returns:
+    The `Decoder` inputs without the batch axis: mask0, prev_pred, f1, maps,
+    f4 (the reference frame first in f1 and f4).
+  """
+  frame_size = prev_pred.shape
+  quarter = (crop_size[0] // 4, crop_size[1] // 4)
+  return {
+      "mask0": reference["mask0"],
+      "prev_pred": crop_resize(
+          prev_pred[..., None].astype(jnp.float32), boxes[0], crop_size
+      ),
+      "f1": jnp.stack(
+          [reference["f1"]]
+          + [crop_resize(f1[t], boxes[t], crop_size) for t in range(2)]
+      ),
+      "maps": jnp.stack(
+          [crop_resize(maps[t], boxes[t], crop_size) for t in range(2)]
+      ),
+      "f4": jnp.stack(
+          [reference["f4"]]
+          + [
+              roi_align(f4[t], boxes[t], quarter, 0.25, frame_size)
+              for t in range(2)
+          ]
+      ),
+  }
+
+
 def crop_inputs(
     boxes: jax.Array,
     mask0: jax.Array,
@@ -497,23 +577,7 @@ def crop_inputs(
     The `Decoder` inputs without the batch axis: mask0, prev_pred, f1, maps,
     f4.
   """
-  frame_size = mask0.shape
-  quarter = (crop_size[0] // 4, crop_size[1] // 4)
-  return {
-      "mask0": crop_resize(
-          mask0[..., None].astype(jnp.float32), boxes[0], crop_size, True
-      ),
-      "prev_pred": crop_resize(
-          prev_pred[..., None].astype(jnp.float32), boxes[1], crop_size
-      ),
-      "f1": jnp.stack(
-          [crop_resize(f1[t], boxes[t], crop_size) for t in range(3)]
-      ),
-      "maps": jnp.stack(
-          [crop_resize(maps[t], boxes[t + 1], crop_size) for t in range(2)]
-      ),
-      "f4": jnp.stack([
-          roi_align(f4[t], boxes[t], quarter, 0.25, frame_size)
-          for t in range(3)
-      ]),
-  }
+  reference = reference_crops(boxes[0], mask0, f1[0], f4[0], crop_size)
+  return later_crops(
+      reference, boxes[1:], prev_pred, f1[1:], maps, f4[1:], crop_size
+  )
