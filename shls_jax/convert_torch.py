@@ -43,6 +43,7 @@ a temporary sibling folder and renamed into place at the end. DIR must not
 exist yet or be empty; it is a local path.
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -66,30 +67,6 @@ import numpy as np
 from shls_jax import checkpoint
 from shls_jax import train
 from shls_jax.models import superfeatures as superfeatures_lib
-
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "The authors' checkpoint: a .pth (needs PyTorch) or an .npz of its state"
-    " dict.",
-)
-_OUT = flags.DEFINE_string(
-    "out", None, "New (or empty) folder for the converted checkpoint."
-)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Config the weights belong to; default configs/davis.py (the paper's"
-    " widths, which the authors' weights need).",
-    lock_config=True,
-)
-_TRUST_PICKLE = flags.DEFINE_bool(
-    "trust_pickle",
-    False,
-    "Read a .pth that torch.load refuses with weights_only=True (it holds"
-    " Python objects besides tensors). Unpickling runs code from the file:"
-    " only for a checkpoint from a source you trust.",
-)
 
 # DataParallel's prefix on every key of the authors' state dict.
 PREFIX = "module."
@@ -602,7 +579,44 @@ def default_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def main(argv):
+def define_flags() -> dict[str, Any]:
+  """The command's flags, defined only when it runs as a program.
+
+  Defining them at import would clash with shls_jax.main's `--config` in a
+  process that imports both (the test suite, a notebook).
+  """
+  checkpoint_flag = flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "The authors' checkpoint: a .pth (needs PyTorch) or an .npz of its state"
+      " dict.",
+  )
+  out = flags.DEFINE_string(
+      "out", None, "New (or empty) folder for the converted checkpoint."
+  )
+  config = config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "Config the weights belong to; default configs/davis.py (the paper's"
+      " widths, which the authors' weights need).",
+      lock_config=True,
+  )
+  trust_pickle = flags.DEFINE_bool(
+      "trust_pickle",
+      False,
+      "Read a .pth that torch.load refuses with weights_only=True (it holds"
+      " Python objects besides tensors). Unpickling runs code from the file:"
+      " only for a checkpoint from a source you trust.",
+  )
+  return {
+      "checkpoint": checkpoint_flag,
+      "out": out,
+      "config": config,
+      "trust_pickle": trust_pickle,
+  }
+
+
+def main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that --help is fast and TensorFlow (saving the config)
@@ -611,20 +625,24 @@ def main(argv):
 
   tf.config.set_visible_devices([], "GPU")
   tf.config.set_visible_devices([], "TPU")
-  config = _CONFIG.value if _CONFIG.value is not None else default_config()
+  values = {name: f.value for name, f in flag_values.items()}
+  config = (
+      values["config"] if values["config"] is not None else default_config()
+  )
   try:
     report = run(
-        _CHECKPOINT.value,
-        _OUT.value,
+        values["checkpoint"],
+        values["out"],
         config,
-        trust_pickle=_TRUST_PICKLE.value,
+        trust_pickle=values["trust_pickle"],
     )
   except ConversionError as e:
     logging.error("%s", e)
     sys.exit(f"Error: {e}")
-  print(summary(report, os.path.abspath(_OUT.value)))
+  print(summary(report, os.path.abspath(values["out"])))
 
 
 if __name__ == "__main__":
+  _flag_values = define_flags()
   flags.mark_flags_as_required(["checkpoint", "out"])
-  app.run(main)
+  app.run(functools.partial(main, flag_values=_flag_values))

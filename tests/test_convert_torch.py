@@ -1106,3 +1106,13 @@ def test_the_network_matches_pytorch_functional_ops(paper):
     got = _our_decoder(paper, inputs, train_mode)
     want = net.segment_object(_authors_crops(inputs, ops), train_mode)
     assert_parity(_nchw(got), want, "decoder logits (torch)")
+
+
+def test_the_command_imports_next_to_main():
+  """Its flags are defined only when it runs, so both modules import in one
+  process (main defines --config too)."""
+  subprocess.run(
+      [sys.executable, "-c", "import shls_jax.convert_torch, shls_jax.main"],
+      check=True,
+      cwd=REPO,
+  )
