@@ -15,6 +15,8 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["shls_jax", "shls_jax.*", "data_prep", "data_prep.*"]
     ),
+    # The shipped model (shls_jax/shipped.py) travels inside the package.
+    package_data={"shls_jax": ["weights/*.npz", "weights/*.json"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -29,7 +29,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import skimage.transform  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import results  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import bundled  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import saliency  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import still_images  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import superpixels  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -79,7 +79,7 @@ def bench_superpixels(images, repeats):
 def bench_pipeline(tmp, num_images, repeats):
   config = _config()
   images_dir = os.path.join(tmp, "images")
-  all_files = demo.export_bundled_images(images_dir)
+  all_files = bundled.export_bundled_images(images_dir)
   files = all_files[:num_images]
   sal_dir = os.path.join(tmp, "saliency")
   start = time.perf_counter()
@@ -142,7 +142,7 @@ def main():
   args = parser.parse_args()
   repeats = 1 if args.quick else 3
   with tempfile.TemporaryDirectory() as tmp:
-    names = demo.export_bundled_images(os.path.join(tmp, "frames"))
+    names = bundled.export_bundled_images(os.path.join(tmp, "frames"))
     frames = []
     for name in names[: 3 if args.quick else 6]:
       image = still_images.load_image(os.path.join(tmp, "frames", name))

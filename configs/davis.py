@@ -28,7 +28,10 @@ def get_config():
 
   # --- Offline phase: synthetic sequences from still images (SPEC 2.1, 2.2).
   config.prep = ml_collections.ConfigDict()
-  config.prep.images_dir = ""  # A folder of jpg/png still images.
+  # A folder of jpg/png still images, or several joined by ",".
+  config.prep.images_dir = ""
+  # Add the photographs that ship inside scikit-image (data_prep/bundled.py).
+  config.prep.include_bundled = False
   # Soft 8-bit saliency maps with the same file stems; "" = built-in RBD.
   config.prep.saliency_dir = ""
   config.prep.dataset_name = "shls_sequences"
@@ -91,6 +94,11 @@ def get_config():
   config.eval_data.tfds_data_dir = ""  # tfds_davis: "" = <path>/tfds
   config.eval_data.max_objects = 10
   config.eval_data.resize_height = 0  # 0 = keep; own videos: e.g. 480.
+  # Room for the superpixels that splitting frame 0 at the given mask's
+  # borders adds (docs/design.md, the first frame): measured on DAVIS-2016,
+  # median 202, p99 529, at most 602. A split component without a free slot
+  # stays merged into its superpixel.
+  config.eval_data.split_extra_superpixels = 640
   # Frames per compiled scan chunk (the last chunk of a video is padded).
   config.eval_data.time_bucket = 16
   # Input normalisation of evaluation frames (SPEC 3.1: DAVIS statistics).
@@ -101,7 +109,11 @@ def get_config():
       config.train_superpixels.copy_and_resolve_references()
   )
   config.eval_superpixels.method = "isec"
-  config.eval_superpixels.max_superpixels = 1024
+  # Measured on all 3455 frames of DAVIS-2016 (train + val, 480p,
+  # benchmarks/real_inputs.py): ISEC gives a median of 1028 superpixels per
+  # frame, p99 1711, at most 1795 (goat, frame 61); half the frames exceed
+  # 1024. 2048 holds every one of them with 14 % to spare.
+  config.eval_superpixels.max_superpixels = 2048
   config.eval_superpixels.slic_n_segments = 1000
 
   # --- Input pipeline.
@@ -142,12 +154,17 @@ def get_config():
   config.eval.write_visuals = True
   config.eval.overlay_fps = 24.0  # Frame rate of overlay videos and GIFs.
 
-  # --- Memory clustering at evaluation (SPEC 6). Rows per class: SPEC's cap
-  # is 10 x N0 (about 10000 at 480p); the static buffer holds at most this
-  # many, the newest short-term rows being replaced first (README, "Static
-  # shapes"). Training needs (T - 1) x N rows and sizes itself.
+  # --- Memory clustering at evaluation (SPEC 6). Rows per class. On the
+  # DAVIS-2016 frames 0 (split at the mask), N0 has a median of 1231 (at
+  # most 1776) and the largest class's N0_c of 1012 (at most 1526): the
+  # long-term part 5 x N0_c needs at most 7630 rows, which 8192 holds on
+  # every video, with at least 560 rows of recent entries. SPEC's cap of
+  # 10 x N0 (median 12310, at most 17760) would need 16384 rows and double
+  # the kNN matrix (N x classes x capacity); beyond the capacity the newest
+  # short-term rows are replaced first (docs, "Static shapes"). Training
+  # needs (T - 1) x N rows and sizes itself.
   config.memory = ml_collections.ConfigDict()
-  config.memory.capacity = 4096
+  config.memory.capacity = 8192
   # The memory's rules (SPEC 6, 10); training uses them too.
   config.memory.num_neighbours = 2  # kNN neighbours.
   config.memory.rank_weight_base = 0.5  # Rank weights (1, 0.5, ...).
@@ -168,8 +185,11 @@ def get_config():
   # Superpixels of other sequences, gathered from all devices, as negatives.
   config.loss.cross_batch_negatives = True
   # Room for the superpixels that splitting frame 0 at object borders adds
-  # (SPEC 6.1): frame maps are padded to max_superpixels + this.
-  config.loss.split_extra_superpixels = 128
+  # (SPEC 6.1): frame maps are padded to max_superpixels + this. Measured on
+  # the 1150 PASCAL-S and SOD photographs at 256 x 256 (SLIC 300, RBD
+  # pseudo masks): median 144, p99 317, at most 450; the overflow is
+  # counted in train/split_overflow.
+  config.loss.split_extra_superpixels = 320
 
   # --- Training (SPEC 5).
   config.train = ml_collections.ConfigDict()
@@ -192,7 +212,25 @@ def get_config():
   # also at the end; 0 = never.
   config.train.image_every_steps = 1000
   config.train.checkpoint_every_steps = 1000  # Also at the end.
+  # Official J&F on held-out real videos in stages decoder and joint
+  # (inference.VideoValidation), at every validation, next to the
+  # copy-the-first-mask floor (TensorBoard and metrics.jsonl: val/video_*).
+  config.train.video_eval = ml_collections.ConfigDict()
+  # A dataset of data_prep.videos under data_dir, e.g. davis2016_train
+  # (DAVIS-2016 train is the development set); "" = off.
+  config.train.video_eval.dataset = ""
+  config.train.video_eval.videos = ""  # Comma-separated names; "" = first N.
+  config.train.video_eval.num_videos = 3
   config.train.max_checkpoints = 3
+
+  # --- Mode recipe (shls_jax/runs.py): stages trained one after the other,
+  # each starting from the previous one's weights, then an evaluation on
+  # config.eval_data. The paper: stage 1, then stage 2 (SPEC 5).
+  config.recipe = ml_collections.ConfigDict()
+  config.recipe.stages = ("superfeatures", "decoder")
+  config.recipe.steps = (0, 0)  # 0 = config.train.num_epochs.
+  config.recipe.learning_rates = (1e-4, 1e-4)
+  config.recipe.evaluate = True
 
   # --- Multi-host (TPU pods, GPU clusters). jax.distributed is initialised
   # when `initialize` is True or the environment sets JAX_COORDINATOR_ADDRESS

@@ -35,6 +35,7 @@ def get_config():
   # The frame-0 split makes ~125 new superpixels per 128 x 128 frame here
   # (up to ~205; most are border slivers of a few pixels).
   config.loss.split_extra_superpixels = 224
+  config.eval_data.split_extra_superpixels = 224
   # Positives across the frames of a sequence (an option of SPEC 4.1; the
   # paper's is "frame"): with minutes of training instead of the paper's 200
   # epochs it is what makes the validation transfer from frame 0 to later

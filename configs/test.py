@@ -42,6 +42,7 @@ def get_config():
   config.model.decoder_crop_size = (16, 16)
   config.memory.capacity = 256
   config.loss.split_extra_superpixels = 32
+  config.eval_data.split_extra_superpixels = 32
   config.train.num_train_steps = 4
   config.train.log_every_steps = 2
   config.train.eval_every_steps = 0

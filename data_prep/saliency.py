@@ -41,11 +41,31 @@ from data_prep import masks
 # connectivity step then merges into very few superpixels, or one.
 _SLIC_COMPACTNESS = 20.0
 _SLIC_SIGMA = 1.0
-# Parameters of the paper (Section 3 and 4).
-_SIGMA_CLR = 10.0  # Colour distances, Lab units (L in [0, 100]).
+# The settings of the authors' released code (Zhu et al.'s MATLAB
+# `SaliencyOptimization`), which the published figures come from; where the
+# paper gives other values, the code's are used (README of benchmarks,
+# "Saliency"):
+# - superpixels within this many pixels of the image's edge are the boundary
+#   (the paper: those touching it);
+_BOUNDARY_BAND_PX = 8
+# - bounds of the adaptive sigma of geodesic distances (the paper: 10);
+_GEO_SIGMA_RANGE = (5.0, 10.0)
+# - upper bound of the adaptive sigma of the smoothness term (the paper: 10);
+_NEI_SIGMA_MAX = 20.0
 _SIGMA_BND_CON = 1.0
-_SIGMA_SPA = 0.25  # Spatial distances, coordinates normalised to [0, 1].
-_MU = 0.1  # Smoothness weight floor: flat regions still get smoothed.
+# - spatial sigma of the weighted contrast, coordinates in [0, 1] (the
+#   paper: 0.25);
+_SIGMA_SPA = 0.4
+_MU = 0.1  # Smoothness weight floor on direct neighbours.
+# - the background term weighs this much more than the foreground term, and
+#   a superpixel of boundary connectivity above _SURE_BACKGROUND gets weight
+#   _SURE_WEIGHT (not in the paper);
+_BG_LAMBDA = 5.0
+_SURE_BACKGROUND = 3.0
+_SURE_WEIGHT = 1000.0
+# - the neighbour colour distances whose mean measures the contrast of the
+#   image: the largest 1 %.
+_TOP_RATE = 0.01
 # scipy's graph routines read a weight of 0 as "no edge": identical colours
 # must stay connected.
 _MIN_EDGE = 1e-6
@@ -74,7 +94,8 @@ def _superpixel_graph(image: np.ndarray, n_segments: int):
     colour: float [N, 3], mean Lab colour.
     position: float [N, 2], mean (row / H, col / W).
     adjacent: int [E, 2], 4-adjacent pairs (i < j), each once.
-    boundary: int [B], the superpixels touching the image's edge.
+    boundary: int [B], the superpixels within _BOUNDARY_BAND_PX of the
+      image's edge.
   """
   h, w = image.shape[:2]
   lab = skimage.color.rgb2lab(image)
@@ -114,10 +135,14 @@ def _superpixel_graph(image: np.ndarray, n_segments: int):
   ])
   pairs = pairs[pairs[:, 0] != pairs[:, 1]]
   adjacent = np.unique(np.sort(pairs, axis=1), axis=0)
+  band = _BOUNDARY_BAND_PX
   boundary = np.unique(
-      np.concatenate(
-          [segments[0], segments[-1], segments[:, 0], segments[:, -1]]
-      )
+      np.concatenate([
+          segments[:band].ravel(),
+          segments[-band:].ravel(),
+          segments[:, :band].ravel(),
+          segments[:, -band:].ravel(),
+      ])
   )
   return segments, colour, position, adjacent, boundary
 
@@ -127,28 +152,50 @@ def _pairwise_distance(x: np.ndarray) -> np.ndarray:
   return np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
 
 
-def _noise_level(d_app: np.ndarray, link: np.ndarray) -> float:
-  """Colour difference between neighbours that counts as noise.
+def _weights(distance: np.ndarray, sigma: float) -> np.ndarray:
+  """exp(-d^2 / (2 sigma^2)), and 0 beyond 3 sigma (as the authors' code)."""
+  weight = np.exp(-(distance**2) / (2 * sigma**2))
+  return np.where(distance > 3 * sigma, 0.0, weight)
 
-  Without it, a smooth gradient (a sky, a blurred wall) adds up small steps
-  into a large geodesic distance and splits one background into many
-  regions. Following the authors' code (the paper leaves this out): the
-  mean over superpixels of the colour distance to their most similar
-  superpixel at most two steps away; this much is taken off every edge.
+
+def _mean_nearest(d_app: np.ndarray, near: np.ndarray) -> float:
+  """Mean over superpixels of the colour distance to the nearest `near` one."""
+  nearest = np.where(near, d_app, np.inf).min(1)
+  nearest = nearest[np.isfinite(nearest)]
+  return float(nearest.mean()) if len(nearest) else 0.0
+
+
+def _image_statistics(d_app: np.ndarray, link: np.ndarray):
+  """The colour statistics that set RBD's clip value and sigmas.
+
+  Following the authors' code (the paper uses fixed values): the mean colour
+  distance of each superpixel to its most similar direct neighbour (`min1`)
+  and to its most similar neighbour at most two steps away (`min2`), and
+  the mean of the largest 1 % of neighbour distances (`top`, the image's
+  contrast). `min2` is taken off every edge of the geodesic graph: without
+  it, a smooth gradient (a sky, a blurred wall) adds up small steps into a
+  large geodesic distance and splits one background into many regions.
 
   Args:
     d_app: [N, N] colour distances.
     link: bool [N, N], spatial adjacency, no self-loops.
 
   Returns:
-    The clip value, Lab units.
+    clip, geodesic sigma, smoothness sigma (Lab units).
   """
-  step = link.astype(np.float32)
-  near = link | (step @ step > 0)
-  np.fill_diagonal(near, False)
-  nearest = np.where(near, d_app, np.inf).min(1)
-  nearest = nearest[np.isfinite(nearest)]
-  return float(nearest.mean()) if len(nearest) else 0.0
+  two_steps = link | (link.astype(np.float32) @ link.astype(np.float32) > 0)
+  np.fill_diagonal(two_steps, False)
+  min1 = _mean_nearest(d_app, link)
+  min2 = _mean_nearest(d_app, two_steps)
+  edges = np.sort(d_app[np.triu(link, 1)])[::-1]
+  top = float(edges[: max(1, round(_TOP_RATE * len(edges)))].mean()) if len(
+      edges
+  ) else 0.0
+  low, high = _GEO_SIGMA_RANGE
+  geo_sigma = max(min(high, 3 * min1, top / 10), low)
+  # A flat image has no contrast at all: keep the smoothness finite.
+  nei_sigma = max(min(3 * min1, 0.2 * top, _NEI_SIGMA_MAX), 1e-3)
+  return min2, geo_sigma, nei_sigma
 
 
 def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
@@ -156,8 +203,8 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
 
   Args:
     image: uint8 [H, W, 3] RGB.
-    n_segments: about this many SLIC superpixels (the paper uses 200 on
-      images of about 400 x 300 pixels).
+    n_segments: about this many SLIC superpixels (the authors' code uses
+      one per 600 pixels: 200 on an image of 400 x 300 pixels).
 
   Returns:
     float32 [H, W] in [0, 1]: each superpixel's optimised saliency, stretched
@@ -174,60 +221,69 @@ def rbd(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
   )
   n = len(colour)
   d_app = _pairwise_distance(colour)  # [N, N]
-
-  # Geodesic distances on the graph of neighbours plus a clique on the
-  # boundary superpixels: the whole boundary counts as one background region
-  # even when it is split by an object touching the edge. Every edge is
-  # shortened by the noise level, down to (almost) free: an exact 0 would
-  # read as "no edge".
   i, j = adjacent[:, 0], adjacent[:, 1]
   link = np.zeros((n, n), bool)
   link[i, j] = True
   link[j, i] = True
-  clip = _noise_level(d_app, link)
-  link[np.ix_(boundary, boundary)] = True
-  np.fill_diagonal(link, False)
-  graph = np.where(link, np.maximum(d_app - clip, _MIN_EDGE), 0)
+  clip, geo_sigma, nei_sigma = _image_statistics(d_app, link)
+
+  # Geodesic distances on the graph of neighbours plus a clique on the
+  # boundary superpixels: the whole boundary counts as one background region
+  # even when it is split by an object touching the edge. Every edge is
+  # shortened by the clip value, down to (almost) free: an exact 0 would read
+  # as "no edge".
+  geo_link = link.copy()
+  geo_link[np.ix_(boundary, boundary)] = True
+  np.fill_diagonal(geo_link, False)
+  graph = np.where(geo_link, np.maximum(d_app - clip, _MIN_EDGE), 0)
   d_geo = csgraph.dijkstra(graph, directed=False)  # [N, N]
 
   # Boundary connectivity: the boundary length of the soft region around
   # each superpixel over the square root of its area, both in superpixels.
-  similarity = np.exp(-(d_geo**2) / (2 * _SIGMA_CLR**2))  # [N, N]
+  similarity = _weights(d_geo, geo_sigma)  # [N, N]
   area = similarity.sum(1)
   length = similarity[:, boundary].sum(1)
   bnd_con = length / np.sqrt(area)
-  w_bg = 1 - np.exp(-(bnd_con**2) / (2 * _SIGMA_BND_CON**2))  # [N]
+  bg_prob = 1 - np.exp(-(bnd_con**2) / (2 * _SIGMA_BND_CON**2))  # [N]
+  bg_weight = np.where(bnd_con > _SURE_BACKGROUND, _SURE_WEIGHT, bg_prob)
 
   # Contrast to nearby regions, each weighted by its background probability.
-  d_spa = _pairwise_distance(position)
-  w_spa = np.exp(-(d_spa**2) / (2 * _SIGMA_SPA**2))
-  w_ctr = (d_app * w_spa * w_bg[None, :]).sum(1)
+  w_spa = _weights(_pairwise_distance(position), _SIGMA_SPA)
+  w_ctr = (d_app * w_spa * bg_prob[None, :]).sum(1)
   span = w_ctr.max() - w_ctr.min()
   # Below 1e-6 (Lab units) the contrast is rounding noise of a flat image,
   # which must not be stretched into an object.
   w_fg = np.zeros(n)
   if span > 1e-6:
     w_fg = (w_ctr - w_ctr.min()) / span
-    # As in the authors' code: contrast below Otsu's threshold is no
-    # foreground evidence at all, which keeps cluttered backgrounds dark.
+    # Contrast below Otsu's threshold is no foreground evidence at all,
+    # which keeps cluttered backgrounds dark.
     w_fg[w_fg < skimage.filters.threshold_otsu(w_fg)] = 0
 
-  # min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_{i~j} w_ij (s_i - s_j)^2:
-  # setting the gradient to zero gives (diag(w_bg + w_fg) + L) s = w_fg with
-  # L the graph Laplacian of the smoothness weights. The system is sparse
-  # (a few neighbours per superpixel); a sparse solve also stays clear of
+  # min sum lambda w_bg s^2 + sum w_fg (s - 1)^2 + sum_{i~j} w_ij (s_i -
+  # s_j)^2: setting the gradient to zero gives (diag(lambda w_bg + w_fg) + L)
+  # s = w_fg with L the graph Laplacian of the smoothness weights. Those
+  # link superpixels up to two steps apart and the boundary superpixels among
+  # themselves (colour weights, cut at 3 sigma), plus _MU between direct
+  # neighbours. The system is sparse; a sparse solve also stays clear of
   # multithreaded BLAS, whose start-up dwarfs a 200 x 200 problem.
-  w_ij = np.exp(-d_app[i, j] ** 2 / (2 * _SIGMA_CLR**2)) + _MU
-  degree = np.bincount(i, w_ij, n) + np.bincount(j, w_ij, n)
+  smooth_link = link | (link.astype(np.float32) @ link.astype(np.float32) > 0)
+  smooth_link[np.ix_(boundary, boundary)] = True
+  np.fill_diagonal(smooth_link, False)
+  smooth = np.where(smooth_link, _weights(d_app, nei_sigma), 0.0)
+  smooth = smooth + _MU * link
+  rows, cols = np.nonzero(np.triu(smooth, 1))
+  w_ij = smooth[rows, cols]
+  degree = np.bincount(rows, w_ij, n) + np.bincount(cols, w_ij, n)
   # A tiny ridge keeps the system regular if some superpixel has no weight
   # at all (w_bg = w_fg = 0 and no neighbour: a one-superpixel image).
-  diagonal = degree + w_bg + w_fg + 1e-9
+  diagonal = degree + _BG_LAMBDA * bg_weight + w_fg + 1e-9
   system = sparse.coo_matrix(
       (
           np.concatenate([diagonal, -w_ij, -w_ij]),
           (
-              np.concatenate([np.arange(n), i, j]),
-              np.concatenate([np.arange(n), j, i]),
+              np.concatenate([np.arange(n), rows, cols]),
+              np.concatenate([np.arange(n), cols, rows]),
           ),
       ),
       shape=(n, n),
@@ -392,7 +448,7 @@ def rbd_any_size(image: np.ndarray, *, n_segments: int = 200) -> np.ndarray:
 
 def _write_map(name, images_dir, out_dir, n_segments):
   out = os.path.join(out_dir, os.path.splitext(name)[0] + ".png")
-  image = image_io.load_image(os.path.join(images_dir, name))
+  image = image_io.load_image(image_io.image_path(images_dir, name))
   soft = to_uint8(rbd_any_size(image, n_segments=n_segments))
   # Written under a temporary name first: an interrupted run never leaves a
   # half-written map that a rerun would take as done.
@@ -412,8 +468,8 @@ def write_maps(
   """One 8-bit RBD map `<stem>.png` per image, skipping existing outputs.
 
   Args:
-    names: image file names inside images_dir.
-    images_dir: the folder of the images.
+    names: image file names from `image_io.list_images(images_dir)`.
+    images_dir: the folder of the images (or several, joined by ",").
     out_dir: receives `<stem>.png` per image (created if needed).
     n_segments: superpixels per image.
     num_workers: processes; 0 = one per CPU core.

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import skimage.transform
 
+from data_prep import bundled
 from data_prep import image_io
 from data_prep import masks
 from data_prep import saliency
@@ -75,7 +76,7 @@ def _load_source(ctx: _Context, file_name: str) -> synthesis.Source:
 def _load_source_cached(
     images_dir, saliency_dir, file_name, max_side, min_region_fraction
 ) -> synthesis.Source:
-  image = load_image(os.path.join(images_dir, file_name))
+  image = load_image(image_io.image_path(images_dir, file_name))
   path = _saliency_path(saliency_dir, file_name)
   if not os.path.exists(path):
     raise InputError(
@@ -150,8 +151,14 @@ def split_by_image(
 def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
   """Runs the whole still-image pipeline; returns the dataset folder."""
   prep = config.prep
-  files = image_io.list_images(prep.images_dir)
   name = prep.dataset_name
+  images_dir = prep.images_dir
+  if prep.get("include_bundled", False):
+    # The photographs scikit-image ships join the user's folders.
+    folder = os.path.join(data_dir, name, "bundled_images")
+    bundled.export_bundled_images(folder)
+    images_dir = ",".join(image_io.image_folders(images_dir) + [folder])
+  files = image_io.list_images(images_dir)
   if prep.saliency_dir:
     saliency_dir, mask_source = prep.saliency_dir, "folder"
     if not os.path.isdir(saliency_dir):
@@ -165,14 +172,14 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
     )
     saliency.write_maps(
         files,
-        prep.images_dir,
+        images_dir,
         saliency_dir,
         n_segments=prep.rbd_superpixels,
         num_workers=prep.num_workers,
     )
   splits = split_by_image(files, prep.validation_fraction, config.seed)
   settings = {
-      "prep": {k: v for k, v in prep.to_dict().items() if k not in _NO_EFFECT},
+      "prep": {k: v for k, v in prep.to_dict().items() if k not in NO_EFFECT},
       "superpixels": config.train_superpixels.to_dict(),
       "seed": config.seed,
       "mask_source": mask_source,
@@ -182,7 +189,7 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
     return functools.partial(
         sequence_examples,
         ctx=_Context(
-            images_dir=prep.images_dir,
+            images_dir=images_dir,
             saliency_dir=saliency_dir,
             split_files=tuple(split_files),
             prep=prep,
@@ -206,7 +213,9 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
   )
 
 
-_NO_EFFECT = ("images_dir", "saliency_dir", "num_workers")
+# Prep fields left out of the manifest: they do not change the records
+# (include_bundled shows there as the file lists of the splits).
+NO_EFFECT = ("images_dir", "saliency_dir", "num_workers", "include_bundled")
 _DESCRIPTION = (
     "SHLS synthetic frame-mask sequences made from still images with pseudo"
     " masks (shls_jax data_prep.still_images)."

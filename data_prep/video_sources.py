@@ -145,6 +145,8 @@ class Video:
     num_objects: K.
     object_first_frame: int32 [K], the frame where object k + 1 is given.
     original_size: (height, width) of the source before any resize.
+    full_labels: uint8 [T, H0, W0], the labels at original_size when the
+      video was resized (`resize_height`), else None.
   """
 
   name: str
@@ -156,6 +158,7 @@ class Video:
   num_objects: int
   object_first_frame: np.ndarray
   original_size: tuple
+  full_labels: Optional[np.ndarray] = None
 
 
 # ----------------------------------------------------------------------------
@@ -452,7 +455,9 @@ def _finish(
     )
   original_size = tuple(int(s) for s in frames.shape[1:3])
   height = int(eval_data.get("resize_height", 0) or 0)
+  full_labels = None
   if height > 0 and height != original_size[0]:
+    full_labels = labels
     frames, labels = _resize(frames, labels, height)
     frame_bytes = [None] * num_frames
     for k, t in enumerate(first):
@@ -474,6 +479,7 @@ def _finish(
       num_objects=num_objects,
       object_first_frame=np.asarray(first, np.int32).reshape([num_objects]),
       original_size=original_size,
+      full_labels=full_labels,
   )
 
 

@@ -30,14 +30,34 @@ from data_prep import writer
 from shls_jax import input_pipeline
 
 
+# config.eval_data fields that do not change the records.
+_NO_EFFECT = (
+    "num_workers",
+    "time_bucket",
+    "pixel_mean",
+    "pixel_std",
+    "split_extra_superpixels",
+)
+
+
 def dataset_name(eval_data: ml_collections.ConfigDict) -> str:
-  """`eval_data.dataset_name`, or one made from the source (and video)."""
+  """`eval_data.dataset_name`, or one made from the source and split.
+
+  A dataset holds one split, so the split is in the name, and so is the
+  height frames were resized to: the train and val videos of one source,
+  at several sizes, can live in one data_dir (davis2016_train,
+  davis2016_val_240p, youtube_vos_valid, ...). An own video is named after
+  its file or folder (video_<stem>).
+  """
   if eval_data.dataset_name:
     return eval_data.dataset_name
-  name = eval_data.source
   if eval_data.source == "video":
     stem = re.sub(r"\.[^./]*$", "", eval_data.path.rstrip("/").split("/")[-1])
     name = f"video_{stem}"
+  else:
+    name = f"{eval_data.source}_{eval_data.split}"
+    if eval_data.get("resize_height", 0):
+      name += f"_{eval_data.resize_height}p"
   return re.sub(r"[^a-z0-9_]", "_", name.lower())
 
 
@@ -58,6 +78,10 @@ def video_example(ref, eval_data, sp_config) -> dict:
       "num_objects": int(video.num_objects),
       "object_first_frame": np.asarray(video.object_first_frame, np.int32),
       "original_size": np.asarray(video.original_size, np.int32),
+      "full_labels": [
+          writer.encode_png(l)
+          for l in (() if video.full_labels is None else video.full_labels)
+      ],
       **writer.superpixel_fields(
           video.frames, sp_config, f"{ref.path} video {video.name}"
       ),
@@ -76,7 +100,7 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> str:
       "eval_data": {
           k: v
           for k, v in eval_data.to_dict().items()
-          if k not in ("num_workers", "time_bucket", "pixel_mean", "pixel_std")
+          if k not in _NO_EFFECT
       },
       "superpixels": config.eval_superpixels.to_dict(),
   }

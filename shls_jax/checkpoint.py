@@ -211,6 +211,28 @@ class Checkpointer:
       )
     return template, None
 
+  def restore(self, step: int, template: PyTree) -> PyTree:
+    """One given step (a learning curve reads several); nothing is moved.
+
+    Raises:
+      FileNotFoundError: no such step.
+      StructureMismatchError: it does not fit the template.
+      ValueError: it is damaged.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"No checkpoint of step {step} in {self.directory}; it has steps"
+          f" {sorted(self._manager.all_steps())}."
+      )
+    try:
+      return self._restore_step(step, jax.tree.map(_abstract, template))
+    except _DamagedError as e:
+      raise ValueError(
+          f"Checkpoint {self.directory / str(step)} is damaged: {e}"
+      ) from e
+
   def wait(self) -> None:
     """Blocks until the background writes of earlier saves are committed."""
     self._manager.wait_until_finished()

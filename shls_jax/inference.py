@@ -25,6 +25,7 @@ protocol takes its objects from frame 0).
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
@@ -38,6 +39,7 @@ import tqdm
 from shls_jax import evaluate as evaluate_lib
 from shls_jax import input_pipeline
 from shls_jax import memory as memory_lib
+from shls_jax import shipped
 from shls_jax import tracker
 from shls_jax import train
 from shls_jax.models import backbone as backbone_lib
@@ -69,18 +71,31 @@ def networks_from_state(config, params, batch_stats, source: str) -> Networks:
   )
 
 
-def load_networks(config: ml_collections.ConfigDict, path: str) -> Networks:
+def load_networks(
+    config: ml_collections.ConfigDict, path: str, step: int | None = None
+) -> Networks:
   """The networks of the newest checkpoint under `path` (a workdir or its
-  checkpoints folder), written by any training stage; "" or "untrained":
-  the fresh initialisation from config.seed."""
+  checkpoints folder), or of its checkpoint `step`, written by any training
+  stage; "" or "untrained": the fresh initialisation from config.seed;
+  "shipped" (or a path ending in .npz): the model inside the package
+  (shls_jax.shipped), whose network sizes replace config.model."""
+  if path == "shipped" or path.endswith(".npz"):
+    model, params, batch_stats, meta = shipped.load(
+        "" if path == "shipped" else path[: -len(".npz")]
+    )
+    config = shipped.with_model(config, model)
+    name = meta.get("provenance", {}).get("name", shipped.NAME)
+    return networks_from_state(config, params, batch_stats, f"shipped {name}")
   mesh = train.make_mesh(jax.local_devices()[:1])
   model = train.make_model(config)
   tx = train.make_optimizer(config, 1)
   if path and path != "untrained":
     # Every value comes from the checkpoint: restore onto shapes only.
     template = train.abstract_state(config, model, tx, mesh)
-    state = train.load_weights(config, template, path, mesh)
-    source = train.checkpoint_dir(path)
+    state = train.load_weights(config, template, path, mesh, step=step)
+    source = train.checkpoint_dir(path) + (
+        f" (step {step})" if step is not None else ""
+    )
   else:
     state = train.create_state(config, model, tx, mesh)
     source = "untrained"
@@ -93,7 +108,7 @@ def settings_for(config, num_objects: int) -> tracker.Settings:
       max_objects=max(int(num_objects), 1),
       num_segments=(
           config.eval_superpixels.max_superpixels
-          + config.loss.split_extra_superpixels
+          + config.eval_data.split_extra_superpixels
       ),
       capacity=config.memory.capacity,
       crop_size=tuple(config.model.decoder_crop_size),
@@ -289,11 +304,13 @@ def evaluate_dataset(
     config: ml_collections.ConfigDict,
     networks: Networks,
     dataset_dir: str,
-    out_dir: str,
+    out_dir: str | None,
     *,
     split: str | None = None,
     write_masks: bool = True,
     on_video=None,
+    videos: Sequence[str] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
   """Segments every video of a prepared dataset; scores those with labels.
 
@@ -301,10 +318,13 @@ def evaluate_dataset(
     config: the config (eval_data, eval_superpixels, memory, model).
     networks: from `load_networks`.
     dataset_dir: a dataset of data_prep.videos (or the demo videos).
-    out_dir: results: <out_dir>/masks/<video>/<frame>.png, the CSVs.
+    out_dir: results: <out_dir>/masks/<video>/<frame>.png, the CSVs; None:
+      nothing is written (validation while training).
     split: defaults to config.eval_data.split.
     write_masks: write the palette PNGs.
     on_video: called as on_video(video, masks) after each video.
+    videos: only these videos (by name), in the dataset's order; None: all.
+    progress: show a progress bar over frames.
 
   Returns:
     global_scores and rows (`evaluate.summarize`; absent when no video has
@@ -323,13 +343,19 @@ def evaluate_dataset(
       time_bucket=config.eval_data.time_bucket,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      videos=videos,
   )
   results, names, all_masks = [], [], {}
   total_frames, timed_frames, timed_seconds = 0, 0, 0.0
   seen_objects = set()
-  bar = tqdm.tqdm(desc="segment", unit="frame", dynamic_ncols=True)
+  wanted = None if videos is None else set(videos)
+  bar = tqdm.tqdm(
+      desc="segment", unit="frame", dynamic_ncols=True, disable=not progress
+  )
   for video in ds.as_numpy_iterator():
     name = _text(video["video_name"])
+    if wanted is not None and name not in wanted:
+      continue
     num_frames = int(video["num_frames"])
     bar.set_postfix(video=name)
     first_run = int(video["num_objects"]) not in seen_objects
@@ -343,12 +369,10 @@ def evaluate_dataset(
     names.append(name)
     all_masks[name] = masks
     frame_names = [_text(f) for f in video["frame_names"][:num_frames]]
-    if write_masks:
+    full_size = to_original_size(masks, video["original_size"])
+    if write_masks and out_dir is not None:
       evaluate_lib.write_sequence_pngs(
-          os.path.join(out_dir, "masks"),
-          name,
-          frame_names,
-          to_original_size(masks, video["original_size"]),
+          os.path.join(out_dir, "masks"), name, frame_names, full_size
       )
     if on_video is not None:
       on_video(video, masks)
@@ -362,14 +386,25 @@ def evaluate_dataset(
           name,
       )
     if has_label.all() and num_frames >= 3 and not late:
-      results.append(
-          evaluate_lib.evaluate_sequence(
-              name, masks, video["labels"][:num_frames]
-          )
-      )
+      # At the source's own resolution when the records were resized, as
+      # the official tool scores the written PNGs.
+      full_labels = input_pipeline.decode_full_labels(video)
+      if full_labels is None:
+        scored = (masks, video["labels"][:num_frames])
+      else:
+        scored = (full_size, full_labels[:num_frames])
+      results.append(evaluate_lib.evaluate_sequence(name, *scored))
   bar.close()
   if not names:
-    raise ValueError(f"{dataset_dir} has no video in split {split!r}.")
+    raise ValueError(
+        f"{dataset_dir} has no video in split {split!r}"
+        + (f" named {sorted(wanted)}." if wanted is not None else ".")
+    )
+  if wanted is not None and len(names) < len(wanted):
+    raise ValueError(
+        f"{dataset_dir} split {split!r} has no video named"
+        f" {sorted(wanted - set(names))}; it has {names}."
+    )
   summary = {
       "videos": names,
       "frames": total_frames,
@@ -380,30 +415,34 @@ def evaluate_dataset(
   }
   if results:
     global_scores, rows = evaluate_lib.summarize(results)
-    evaluate_lib.write_csvs(out_dir, split, global_scores, rows)
+    if out_dir is not None:
+      evaluate_lib.write_csvs(out_dir, split, global_scores, rows)
     summary.update(global_scores=global_scores, rows=rows, results=results)
   logging.info(
-      "Segmented %d videos (%d frames) into %s.",
+      "Segmented %d videos (%d frames)%s.",
       len(names),
       total_frames,
-      out_dir,
+      f" into {out_dir}" if out_dir is not None else "",
   )
   return summary
 
 
-def copy_first_mask_scores(dataset_dir: str, config, split=None):
-  """The floor that copies the first-frame mask to every frame."""
+def copy_first_mask_scores(dataset_dir: str, config, split=None, videos=None):
+  """The floor that copies the first-frame mask to every frame (of the
+  named `videos` only, if given)."""
   split = split or config.eval_data.split
   ds = input_pipeline.video_dataset(
       dataset_dir,
       split,
       max_superpixels=config.eval_superpixels.max_superpixels,
       time_bucket=1,
+      videos=videos,
   )
   results = []
   for video in ds.as_numpy_iterator():
     n = int(video["num_frames"])
-    labels = video["labels"][:n]
+    labels = input_pipeline.decode_full_labels(video)
+    labels = video["labels"][:n] if labels is None else labels[:n]
     if n >= 3 and video["has_label"][:n].all():
       first = np.where(labels[0] == evaluate_lib.VOID_ID, 0, labels[0])
       results.append(
@@ -412,3 +451,75 @@ def copy_first_mask_scores(dataset_dir: str, config, split=None):
           )
       )
   return evaluate_lib.summarize(results)[0] if results else None
+
+
+class VideoValidation:
+  """Official J&F on a few held-out videos while training (stages decoder
+  and joint), next to the copy-the-first-mask floor.
+
+  `config.train.video_eval`: `dataset`, a video dataset prepared by
+  data_prep.videos under the data_dir (e.g. davis2016_train: DAVIS-2016
+  train is the development set); `videos`, the names to track ("" = the
+  first `num_videos` of the dataset). The tracker runs with the
+  evaluation settings (config.eval_data, config.memory) and the networks'
+  running BatchNorm statistics; nothing is written but the scores.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, data_dir: str):
+    section = config.train.video_eval
+    self.config = config
+    self.dataset_dir = os.path.join(data_dir, section.dataset, "1.0.0")
+    if not os.path.isdir(self.dataset_dir):
+      raise FileNotFoundError(
+          f"config.train.video_eval.dataset={section.dataset!r}: no prepared"
+          f" videos at {self.dataset_dir}. Prepare them with `python -m"
+          " data_prep.videos` (for DAVIS-2016 train:"
+          " --config.eval_data.source=davis2016"
+          " --config.eval_data.split=train), or set the field to '' to turn"
+          " this validation off."
+      )
+    builder = input_pipeline.load_builder(self.dataset_dir)
+    self.split = next(iter(builder.info.splits.keys()))
+    names = [n for n in str(section.videos).split(",") if n]
+    if not names:
+      names = input_pipeline.video_names(self.dataset_dir, self.split)[
+          : section.num_videos
+      ]
+    self.videos = tuple(names)
+    self.floor = copy_first_mask_scores(
+        self.dataset_dir, config, self.split, videos=self.videos
+    )
+
+  def floors(self) -> dict[str, float]:
+    """The copy-first floor as metrics (computed once)."""
+    if self.floor is None:
+      return {}
+    return {
+        "val/video_jf_copy_first": self.floor["J&F-Mean"],
+        "val/video_j_copy_first": self.floor["J-Mean"],
+    }
+
+  def __call__(self, params, batch_stats) -> dict[str, float]:
+    """J&F, J and F of the networks with these variables (one device's)."""
+    networks = networks_from_state(
+        self.config, params, batch_stats, "training state"
+    )
+    summary = evaluate_dataset(
+        self.config,
+        networks,
+        self.dataset_dir,
+        None,
+        split=self.split,
+        videos=self.videos,
+        progress=False,
+    )
+    scores = summary.get("global_scores")
+    if scores is None:
+      return {}
+    return {
+        "val/video_jf": scores["J&F-Mean"],
+        "val/video_j": scores["J-Mean"],
+        "val/video_f": scores["F-Mean"],
+        "val/video_seconds_per_frame": summary["seconds_per_frame"],
+    }
+

@@ -18,6 +18,7 @@ processes. Device and process counts are arguments.
 """
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,10 @@ def video_features() -> tfds.features.FeaturesDict:
       "object_first_frame": tfds.features.Tensor(shape=(None,), dtype=np.int32),
       # int32 [2]: (height, width) before any resize at preparation.
       "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      # The labels at original_size, only when preparation resized the
+      # video (config.eval_data.resize_height), else no frames: results are
+      # scored at the source's own resolution, as the official tools do.
+      "full_labels": _id_maps(np.uint8),
       **_superpixel_fields(),
   })
 
@@ -152,7 +157,13 @@ _DECODERS = {
     "frames": tfds.decode.SkipDecoding(),
     "labels": tfds.decode.SkipDecoding(),
     "superpixels": tfds.decode.SkipDecoding(),
+    "full_labels": tfds.decode.SkipDecoding(),
 }
+
+
+def _decoders(builder) -> dict:
+  """_DECODERS for the features this dataset has (older datasets lack some)."""
+  return {k: v for k, v in _DECODERS.items() if k in builder.info.features}
 
 
 def _decode_maps(encoded, dtype):
@@ -334,7 +345,7 @@ def sequence_dataset(
           # of the seed because interleave is deterministic by default.
           interleave_cycle_length=4,
       ),
-      decoders=_DECODERS,
+      decoders=_decoders(builder),
   )
   if shuffle:
     ds = ds.shuffle(shuffle_buffer, seed=epoch_seed)
@@ -426,8 +437,11 @@ def video_dataset(
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 1,
+    videos: Sequence[str] | None = None,
 ) -> tf.data.Dataset:
   """Evaluation videos, one at a time, time padded to a multiple of a bucket.
+
+  `videos`: only the videos of these names (filtered before decoding).
 
   Each element is one video: frames uint8 [T', H, W, 3] with T' the frame
   count rounded up to a multiple of `time_bucket` (so a compiled scan is
@@ -435,7 +449,10 @@ def video_dataset(
   [T', H, W], has_label bool [T'], num_superpixels int32 [T'],
   superpixel_valid bool [T', N_max], edges int32 [T', E_max, 2], edge_valid
   bool [T', E_max], plus num_frames, num_objects, object_first_frame [K],
-  original_size [2], video_name and frame_names [T] (unpadded strings).
+  original_size [2], video_name and frame_names [T] (unpadded strings),
+  full_labels_png string [T or 0]: the PNGs of the labels at original_size
+  when the video was resized at preparation (decode with
+  `decode_full_labels`; empty for datasets written before this field).
   Padded frames are all-zero with empty validity masks.
   """
   builder = load_builder(dataset_dir)
@@ -443,8 +460,13 @@ def video_dataset(
       builder, split, process_index, process_count, drop_remainder=False
   )
   ds = builder.as_dataset(
-      split=sub_split, shuffle_files=False, decoders=_DECODERS
+      split=sub_split, shuffle_files=False, decoders=_decoders(builder)
   )
+  if videos is not None:
+    wanted = tf.constant(list(videos) or [""], tf.string)
+    ds = ds.filter(
+        lambda e: tf.reduce_any(tf.equal(e["video_name"], wanted))
+    )
 
   def parse(example):
     out = _parse(example, max_superpixels)
@@ -460,6 +482,11 @@ def video_dataset(
 
     out = {k: pad_time(v) for k, v in out.items() if k != "num_objects"}
     out["has_label"] = pad_time(example["has_label"])
+    out["full_labels_png"] = (
+        example["full_labels"]
+        if "full_labels" in example
+        else tf.zeros([0], tf.string)
+    )
     out["frame_valid"] = tf.sequence_mask(num_frames, padded)
     out["num_frames"] = num_frames
     for key in (
@@ -474,3 +501,25 @@ def video_dataset(
     return out
 
   return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(prefetch)
+
+
+def video_names(dataset_dir: str, split: str) -> list[str]:
+  """The names of a prepared video dataset's videos, in its order."""
+  builder = load_builder(dataset_dir)
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False, decoders=_decoders(builder)
+  )
+  return [
+      name.decode()
+      for name in ds.map(lambda e: e["video_name"]).as_numpy_iterator()
+  ]
+
+
+def decode_full_labels(video: dict[str, Any]) -> np.ndarray | None:
+  """uint8 [T, H0, W0] labels at the original size, or None if not stored."""
+  encoded = video.get("full_labels_png")
+  if encoded is None or not len(encoded):
+    return None
+  return np.stack([
+      tf.io.decode_png(png, channels=1).numpy()[..., 0] for png in encoded
+  ])

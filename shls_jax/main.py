@@ -4,6 +4,10 @@ Modes (`config.mode`):
   train         train on the prepared still-image sequences in
                 config.data_dir (stage from config.train.stage), resuming
                 from <workdir>/checkpoints when there are any.
+  recipe        the stages of config.recipe in turn (e.g. stage 1 then
+                stage 2, configs/real.py), each in <workdir>/<i>_<stage>
+                starting from the previous one's weights, then evaluate
+                the last one on config.eval_data.
   evaluate      segment the prepared evaluation videos of config.eval_data
                 (data_prep.videos) with the checkpoint config.eval.checkpoint
                 (default: <workdir>'s), write palette PNGs and the official
@@ -110,7 +114,9 @@ def main(argv):
       jax.device_count(),
       jax.devices(),
   )
-  if config.mode in ("train", "demo", "evaluate", "segment") and not workdir:
+  if config.mode in ("train", "recipe", "demo", "evaluate", "segment") and (
+      not workdir
+  ):
     raise app.UsageError(f"config.mode={config.mode!r} needs --workdir.")
   try:
     _run_mode(config, workdir)
@@ -125,7 +131,6 @@ def _run_mode(config, workdir) -> None:
   # pylint: disable=g-import-not-at-top
   from shls_jax import prepare_demo
   from shls_jax import runs
-  from shls_jax import train
 
   # pylint: enable=g-import-not-at-top
   if config.mode == "prepare_demo":
@@ -138,14 +143,16 @@ def _run_mode(config, workdir) -> None:
     print(runs.evaluate(config, workdir, resolve_data_dir(config, workdir)))
   elif config.mode == "segment":
     print(runs.segment(config, workdir, resolve_data_dir(config, workdir)))
+  elif config.mode == "recipe":
+    print(runs.recipe(config, workdir, resolve_data_dir(config, workdir)))
   elif config.mode == "train":
     data_dir = resolve_data_dir(config, workdir)
-    summary = train.train_and_evaluate(config, workdir, data_dir)
+    summary = runs.train_stage(config, workdir, data_dir)
     print(runs.report(summary, workdir))
   else:
     raise app.UsageError(
-        f"config.mode={config.mode!r} is not a mode; valid: train, evaluate,"
-        " segment, demo, prepare_demo."
+        f"config.mode={config.mode!r} is not a mode; valid: train, recipe,"
+        " evaluate, segment, demo, prepare_demo."
     )
 
 

@@ -12,6 +12,7 @@ from data_prep import demo as demo_data
 from data_prep import videos as videos_data
 from shls_jax import evaluate as evaluate_lib
 from shls_jax import inference
+from shls_jax import shipped
 from shls_jax import train
 from shls_jax import visualize
 
@@ -34,23 +35,71 @@ def report(summary: dict, workdir: str) -> str:
         f"  untrained network {summary['val_iou_untrained']:.4f}",
         f"  mean colour       {summary['val_iou_mean_colour']:.4f}",
     ]
+  if "val_video_jf" in summary:
+    lines += [
+        "Held-out videos, official J&F (J-Mean, F-Mean):",
+        (
+            f"  trained             {summary['val_video_jf']:.4f}"
+            f" ({summary['val_video_j']:.4f}, {summary['val_video_f']:.4f})"
+        ),
+    ]
+    if "val_video_jf_copy_first" in summary:
+      lines.append(
+          "  copy the first mask"
+          f" {summary['val_video_jf_copy_first']:.4f}"
+          f" ({summary['val_video_j_copy_first']:.4f}, -)"
+      )
   lines.append(
       f"Checkpoints, TensorBoard events and metrics.jsonl in {workdir}."
   )
   return "\n".join(lines)
 
 
-def _checkpoint_path(config, workdir: str) -> str:
+def train_stage(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+  """`train.train_and_evaluate`, with J&F on held-out videos in stages
+  decoder and joint when config.train.video_eval.dataset names them."""
+  video_validation = None
+  if config.train.video_eval.dataset and config.train.stage in (
+      "decoder",
+      "joint",
+  ):
+    video_validation = inference.VideoValidation(config, data_dir)
+  return train.train_and_evaluate(
+      config, workdir, data_dir, video_validation=video_validation
+  )
+
+
+def _checkpoint_path(config, workdir: str, allow_shipped: bool = False) -> str:
+  """config.eval.checkpoint, else the workdir's own checkpoints; with
+  `allow_shipped` (mode segment) the shipped model when there are none."""
   path = config.eval.checkpoint or workdir
-  if path == "untrained":
+  if path in ("untrained", "shipped"):
     return path
   directory = train.checkpoint_dir(path)
-  if not tf.io.gfile.isdir(directory):
+  if not _holds_steps(directory):
+    if allow_shipped and not config.eval.checkpoint and shipped.available():
+      logging.info("No checkpoints in %s: using the shipped model.", workdir)
+      return "shipped"
     raise FileNotFoundError(
         f"No checkpoints at {directory}. Set --config.eval.checkpoint to the"
-        " workdir of a training run (or 'untrained' for the floor)."
+        " workdir of a training run ('shipped' for the model inside the"
+        " package, 'untrained' for the floor)."
     )
   return path
+
+
+def _holds_steps(directory: str) -> bool:
+  """Whether `directory` holds checkpoint steps (Orbax names them by step)."""
+  if not tf.io.gfile.isdir(directory):
+    return False
+  return any(name.rstrip("/").isdigit() for name in tf.io.gfile.listdir(directory))
+
+
+def _model_config(config, checkpoint: str):
+  """`config` with the shipped model's network sizes when it is used."""
+  if checkpoint == "shipped":
+    return shipped.with_model(config, shipped.metadata()["model"])
+  return config
 
 
 def _eval_dataset_dir(config, data_dir: str) -> str:
@@ -141,9 +190,11 @@ class EvaluationVisuals:
 def evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
   """Mode evaluate: segment the prepared videos, write masks and CSVs."""
   dataset_dir = _eval_dataset_dir(config, data_dir)
-  networks = inference.load_networks(config, _checkpoint_path(config, workdir))
+  checkpoint = _checkpoint_path(config, workdir)
+  config = _model_config(config, checkpoint)
+  networks = inference.load_networks(config, checkpoint)
   name = videos_data.dataset_name(config.eval_data)
-  out_dir = os.path.join(workdir, "eval", f"{name}-{config.eval_data.split}")
+  out_dir = os.path.join(workdir, "eval", name)
   visuals = EvaluationVisuals(out_dir, config.eval.overlay_fps)
   summary = inference.evaluate_dataset(
       config,
@@ -188,7 +239,8 @@ def segment(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
         " file or a folder of frames) and --config.eval_data.mask (the first"
         " frame's mask PNG). For datasets use config.mode='evaluate'."
     )
-  checkpoint = _checkpoint_path(config, workdir)
+  checkpoint = _checkpoint_path(config, workdir, allow_shipped=True)
+  config = _model_config(config, checkpoint)
   dataset_dir = videos_data.prepare(config, data_dir)
   networks = inference.load_networks(config, checkpoint)
   name = videos_data.dataset_name(config.eval_data)
@@ -235,14 +287,14 @@ def demo(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
   stage2_dir = os.path.join(workdir, "stage2")
   first = ml_collections.ConfigDict(config.to_dict())
   first.train.stage = "superfeatures"
-  summary1 = train.train_and_evaluate(first, stage1_dir, data_dir)
+  summary1 = train_stage(first, stage1_dir, data_dir)
   second = ml_collections.ConfigDict(config.to_dict())
   second.train.stage = config.demo.stage2
   second.train.init_from = stage1_dir
   second.train.num_train_steps = config.demo.stage2_steps
   second.train.learning_rate = config.demo.stage2_learning_rate
   second.train.eval_every_steps = 0
-  summary2 = train.train_and_evaluate(second, stage2_dir, data_dir)
+  summary2 = train_stage(second, stage2_dir, data_dir)
 
   out_dir = os.path.join(workdir, "eval")
   trained = inference.networks_from_state(
@@ -304,4 +356,68 @@ def demo(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
         f" model in {visuals.folder}."
     )
   logging.info("Demo finished.")
+  return "\n".join(lines)
+
+
+def stage_dirs(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The workdir of each stage of config.recipe: <workdir>/<i>_<stage>."""
+  return [
+      os.path.join(workdir, f"{i}_{stage}")
+      for i, stage in enumerate(config.recipe.stages, 1)
+  ]
+
+
+def stage_config(
+    config: ml_collections.ConfigDict, workdir: str, index: int
+) -> ml_collections.ConfigDict:
+  """The config of stage `index` of the recipe (0-based)."""
+  recipe = config.recipe
+  if not len(recipe.stages) == len(recipe.steps) == len(
+      recipe.learning_rates
+  ):
+    raise ValueError(
+        "config.recipe.stages, steps and learning_rates must have one entry"
+        f" per stage; got {len(recipe.stages)}, {len(recipe.steps)} and"
+        f" {len(recipe.learning_rates)}."
+    )
+  stage = ml_collections.ConfigDict(config.to_dict())
+  stage.mode = "train"
+  stage.train.stage = recipe.stages[index]
+  stage.train.num_train_steps = int(recipe.steps[index])
+  stage.train.learning_rate = float(recipe.learning_rates[index])
+  if index > 0:
+    stage.train.init_from = stage_dirs(config, workdir)[index - 1]
+  return stage
+
+
+def recipe(config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+  """Mode recipe: the stages of config.recipe in turn, each starting from the
+  previous one's weights (and resuming its own checkpoints), then the
+  evaluation of the last one on config.eval_data (config.recipe.evaluate)."""
+  lines = []
+  dirs = stage_dirs(config, workdir)
+  for index, stage_dir in enumerate(dirs):
+    stage = stage_config(config, workdir, index)
+    logging.info(
+        "Recipe stage %d of %d: %s, %d steps, in %s.",
+        index + 1,
+        len(dirs),
+        stage.train.stage,
+        stage.train.num_train_steps,
+        stage_dir,
+    )
+    summary = train_stage(stage, stage_dir, data_dir)
+    lines += [
+        f"Stage {index + 1} ({stage.train.stage}):",
+        "  " + report(summary, stage_dir).replace("\n", "\n  "),
+    ]
+  if config.recipe.evaluate:
+    final = ml_collections.ConfigDict(config.to_dict())
+    final.eval.checkpoint = dirs[-1]
+    lines.append(evaluate(final, workdir, data_dir))
+    copy = inference.copy_first_mask_scores(
+        _eval_dataset_dir(final, data_dir), final
+    )
+    if copy:
+      lines.append(score_table([("copy the first mask", copy)]))
   return "\n".join(lines)

@@ -1001,12 +1001,15 @@ def checkpoint_dir(path: str) -> str:
   return path
 
 
-def load_weights(config, state: TrainState, path: str, mesh) -> TrainState:
+def load_weights(
+    config, state: TrainState, path: str, mesh, step: int | None = None
+) -> TrainState:
   """`state` with the parameters and BatchNorm statistics of another run.
 
   The newest checkpoint under `path` (a workdir or its checkpoints folder),
-  written by any stage: its optimizer state is read along (each stage's
-  layout is tried) and dropped. Step and optimizer state stay `state`'s.
+  or its checkpoint of `step`, written by any stage: its optimizer state is
+  read along (each stage's layout is tried) and dropped. Step and optimizer
+  state stay `state`'s.
   """
   directory = checkpoint_dir(path)
   if not tf.io.gfile.isdir(directory):
@@ -1028,15 +1031,18 @@ def load_weights(config, state: TrainState, path: str, mesh) -> TrainState:
       tx = make_optimizer(other, jax.device_count())
       template = abstract_state(other, model, tx, mesh)
       try:
-        restored, step = ckpt.restore_latest(template)
+        if step is None:
+          restored, found = ckpt.restore_latest(template)
+        else:
+          restored, found = ckpt.restore(step, template), step
       except checkpoint.StructureMismatchError as e:
         errors.append(f"as stage {stage!r}: {e}")
         continue
-      if step is not None:
+      if found is not None:
         logging.info(
             "Starting from the weights of %s, step %d (a stage-%r run).",
             directory,
-            step,
+            found,
             stage,
         )
         return state.replace(
@@ -1061,7 +1067,10 @@ def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, data_dir: str
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    data_dir: str,
+    video_validation=None,
 ) -> dict:
   """Trains the config's stage and returns the final metrics; resumes.
 
@@ -1069,6 +1078,10 @@ def train_and_evaluate(
     config: the config (`configs/davis.py` documents the fields).
     workdir: checkpoints, TensorBoard events, metrics.jsonl, config.json.
     data_dir: root of the prepared datasets (config.prep.dataset_name).
+    video_validation: None, or a callable (params, batch_stats) -> {metric:
+      value} with a `floors()` method (`inference.VideoValidation`: J&F on
+      held-out videos), run by process 0 at every validation; its floors
+      are written at a fresh start.
 
   Returns:
     step, loss (mean of the last logging interval), val_iou and val_objects
@@ -1168,6 +1181,11 @@ def train_and_evaluate(
         },
     )
     logging.info("Validation floors: %s", floors)
+  if video_validation is not None and jax.process_index() == 0:
+    video_floors = video_validation.floors()
+    if restored_step is None:
+      writer.write(start_step, video_floors)
+    summary.update({k.replace("/", "_"): v for k, v in video_floors.items()})
 
   pending = []  # (step, device metrics) since the last log.
   bar = tqdm.tqdm(
@@ -1221,6 +1239,21 @@ def train_and_evaluate(
       summary["val_iou"] = scores["iou"]
       summary["val_objects"] = scores["objects"]
       bar.write(f"step {step}: validation mean IoU {scores['iou']:.4f}")
+      if video_validation is not None and jax.process_index() == 0:
+        # This process's copy of the replicated state, on one device.
+        video_scores = video_validation(
+            *jax.tree.map(
+                lambda x: np.asarray(x.addressable_data(0)),
+                (state.params, state.batch_stats),
+            )
+        )
+        writer.write(step, video_scores)
+        summary.update({k.replace("/", "_"): v for k, v in video_scores.items()})
+        if "val/video_jf" in video_scores:
+          bar.write(
+              f"step {step}: J&F {video_scores['val/video_jf']:.4f} on"
+              f" {len(video_validation.videos)} held-out videos"
+          )
       # Steps per second measure training only.
       interval_start = time.perf_counter()
     if image_now:

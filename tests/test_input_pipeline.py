@@ -56,6 +56,7 @@ def _video(item: str):
       "num_objects": 1,
       "object_first_frame": np.array([0], np.int32),
       "original_size": np.array([H, W], np.int32),
+      "full_labels": [],
       "superpixels": [
           writer.encode_png(np.zeros((H, W), np.uint16))
           for _ in range(num_frames)

@@ -53,7 +53,7 @@ def test_davis_folder_to_padded_videos(tmp_path, test_config):
   root = _davis(str(tmp_path / "DAVIS"))
   config = _config(test_config, root)
   path = videos.prepare(config, str(tmp_path / "data"))
-  assert os.path.basename(os.path.dirname(path)) == "davis"
+  assert os.path.basename(os.path.dirname(path)) == "davis_val"
   ds = input_pipeline.video_dataset(
       path, "val", max_superpixels=128, time_bucket=4
   )
@@ -101,7 +101,7 @@ def test_bad_video_keeps_the_finished_ones(tmp_path, test_config):
   config = _config(test_config, root)
   with pytest.raises(video_sources.InputError, match="00003.jpg"):
     videos.prepare(config, str(tmp_path / "data"))
-  dataset_dir = os.path.join(tmp_path, "data", "davis", "1.0.0")
+  dataset_dir = os.path.join(tmp_path, "data", "davis_val", "1.0.0")
   kept = sorted(n for n in os.listdir(dataset_dir) if ".tfrecord-" in n)
   assert len(kept) == 2  # bear and car were written and stay.
   # Fix the input, rerun: only the missing video is made.
@@ -119,3 +119,70 @@ def test_own_video_dataset_name(test_config):
   config.eval_data.source = "video"
   config.eval_data.path = "clips/My Holiday.mp4"
   assert videos.dataset_name(config.eval_data) == "video_my_holiday"
+
+
+def test_dataset_names_carry_the_split(test_config):
+  config = test_config
+  config.eval_data.source = "davis2016"
+  config.eval_data.split = "train"
+  assert videos.dataset_name(config.eval_data) == "davis2016_train"
+  config.eval_data.split = "val"
+  assert videos.dataset_name(config.eval_data) == "davis2016_val"
+  config.eval_data.resize_height = 240
+  assert videos.dataset_name(config.eval_data) == "davis2016_val_240p"
+  config.eval_data.dataset_name = "mine"
+  assert videos.dataset_name(config.eval_data) == "mine"
+
+
+def test_resized_videos_keep_full_labels_and_score_at_full_size(
+    tmp_path, test_config
+):
+  from shls_jax import inference  # pylint: disable=g-import-not-at-top
+  from shls_jax import train  # pylint: disable=g-import-not-at-top
+
+  root = _davis(str(tmp_path / "DAVIS"))
+  config = _config(test_config, root)
+  config.eval_data.resize_height = H // 2
+  path = videos.prepare(config, str(tmp_path / "data"))
+  ds = input_pipeline.video_dataset(
+      path, "val", max_superpixels=128, time_bucket=4
+  )
+  video = next(ds.as_numpy_iterator())
+  assert video["labels"].shape[1:] == (H // 2, W // 2)
+  full = input_pipeline.decode_full_labels(video)
+  assert full.shape == (5, H, W)
+  name = video["video_name"].decode()
+  masks_dir = os.path.join(root, "Annotations", "480p", name)
+  for t in range(5):
+    np.testing.assert_array_equal(
+        full[t], video_sources.read_palette_mask(f"{masks_dir}/{t:05d}.png")
+    )
+  # The copy-first floor is scored on the full-size ground truth: on the
+  # unresized records it is exactly the same.
+  config.eval_data.resize_height = 0
+  config.eval_data.dataset_name = "unresized"
+  plain = videos.prepare(config, str(tmp_path / "data"))
+  assert input_pipeline.decode_full_labels(
+      next(
+          input_pipeline.video_dataset(
+              plain, "val", max_superpixels=128, time_bucket=4
+          ).as_numpy_iterator()
+      )
+  ) is None
+  assert inference.copy_first_mask_scores(
+      path, config, "val"
+  ) == inference.copy_first_mask_scores(plain, config, "val")
+  # Tracking runs at the records' size; the PNGs and scores are full size.
+  model = train.make_model(config)
+  state = train.init_state(config, model, train.make_optimizer(config, 1))
+  networks = inference.networks_from_state(
+      config, state.params, state.batch_stats, "untrained"
+  )
+  out_dir = str(tmp_path / "eval")
+  summary = inference.evaluate_dataset(config, networks, path, out_dir)
+  written = video_sources.read_palette_mask(
+      os.path.join(out_dir, "masks", name, "00001.png")
+  )
+  assert written.shape == (H, W)
+  assert summary["masks"][name].shape == (5, H // 2, W // 2)
+  assert 0 <= summary["global_scores"]["J&F-Mean"] <= 1
